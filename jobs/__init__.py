@@ -1,0 +1,1 @@
+"""Slurm launchers (submitit), cluster profiles and experiment configs for lmtrain."""

@@ -1,0 +1,73 @@
+"""The `lmtrain` command: one entry point, one subcommand per task.
+
+lmtrain --help
+lmtrain train --config jobs/experiments/smoke.yaml
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from lmtrain.errors import UserError
+
+# subcommand -> ("module:function", one-line description). Modules are imported only when their
+# subcommand runs, so `lmtrain --help` stays instant and a broken optional dependency of one
+# subcommand does not break the others. Each function takes argv (list[str]) and returns an exit code.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("lmtrain.train:main", "train a model (the course's train.py flags, YAML configs)"),
+    "prepare": ("lmtrain.data.prepare:main", "build a corpus (parquet + tokenizer) from local files"),
+    "data": ("lmtrain.data.cli:main", "inspect datasets: `data stats`, `data show`"),
+    "params": ("lmtrain.accounting:main", "parameter count, FLOPs per token and memory of a model"),
+    "generate": ("lmtrain.generate:main", "generate text from a run's latest checkpoint"),
+    "export-hf": ("lmtrain.export_hf:main", "export a run as a transformers LlamaForCausalLM checkpoint"),
+    "tokenizer": ("lmtrain.tokenizer.cli:main", "byte-level BPE: `tokenizer train|encode|decode`"),
+    "bench": ("lmtrain.bench:main", "benchmarks: `bench data|batching|generate|train|bpe`"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in SUBCOMMANDS)
+    lines = ["usage: lmtrain <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in SUBCOMMANDS.items()]
+    lines += ["", "Run `lmtrain <command> --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def run_user_facing(func, argv: list[str]) -> int:
+    """Call a subcommand; a UserError becomes a one-paragraph message and exit code 2."""
+    try:
+        return int(func(argv) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from lmtrain import __version__
+
+        print(f"lmtrain {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(SUBCOMMANDS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        print(f"error: unknown command '{name}'.{hint} Valid: {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    module_name, func_name = SUBCOMMANDS[name][0].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return run_user_facing(func, rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

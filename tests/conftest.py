@@ -1,0 +1,75 @@
+"""Shared test setup: markers for real external components and paths to ../shared fixtures.
+
+Tests marked `slurm` need a reachable Slurm controller, tests marked `nsys` an `nsys` binary. Where the
+component is missing they skip with the reason, unless LMTRAIN_REQUIRE_SLURM=1 / LMTRAIN_REQUIRE_NSYS=1
+(set by CI), in which case they fail: CI must never go green by skipping the real thing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@functools.cache
+def slurm_problem() -> str | None:
+    """None when a Slurm controller answers `sinfo`, else why not."""
+    if shutil.which("sinfo") is None:
+        return "sinfo not on PATH (start ../shared/slurm/start-local-slurm.sh and source /tmp/slurm-local/env.sh)"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P %a"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return "sinfo timed out: slurmctld is not answering"
+    if out.returncode != 0:
+        return f"sinfo failed: {out.stderr.strip()}"
+    return None
+
+
+@functools.cache
+def nsys_problem() -> str | None:
+    if shutil.which("nsys") is None:
+        return "nsys not on PATH (install with ../shared/nsys/install-nsys.sh)"
+    return None
+
+
+def _require(env: str) -> bool:
+    return os.environ.get(env, "") not in ("", "0", "false")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker, problem, env in (
+        ("slurm", slurm_problem, "LMTRAIN_REQUIRE_SLURM"),
+        ("nsys", nsys_problem, "LMTRAIN_REQUIRE_NSYS"),
+    ):
+        if item.get_closest_marker(marker) is None:
+            continue
+        reason = problem()
+        if reason is None:
+            continue
+        if _require(env):
+            pytest.fail(f"{env}=1 but {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    """../shared beside the checkout (notes, fixtures, scripts); skip where it is absent."""
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent (it exists in development and CI, not in a user's clone)")
+    return SHARED
+
+
+@pytest.fixture
+def nsys_fixtures(shared_dir: Path) -> Path:
+    path = shared_dir / "fixtures" / "nsys"
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent")
+    return path
