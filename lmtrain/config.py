@@ -324,6 +324,10 @@ class TrainingConfig:
     name: str = "run"
     """Run name, the prefix of the run directory."""
 
+    output_dir: str = ""
+    """Exact run directory (empty: `<run_dir>/<name>-<timestamp>`). Launchers set it so that a
+    requeued job resumes in place."""
+
     def __post_init__(self) -> None:
         _check_min(self, "steps", 1)
         _check_min(self, "grad_accumulation_steps", 1)
