@@ -1,0 +1,474 @@
+"""A Llama-3 decoder-only transformer, laid out like Meta's reference, with three ablation switches.
+
+    from lmtrain.model import Transformer, model_args_from_config
+    model = Transformer(model_args_from_config(cfg.model, vocab_size=tok_vocab, seq_len=4096))
+    logits = model(tokens)                    # (B, T) -> (B, T, vocab)
+    logits = model(tokens, doc_ids=doc_ids)   # attention stays inside each packed document
+
+Read top to bottom: arguments and presets, the two norms, rotary embeddings, attention (with its
+key/value cache), the two feed-forward types, the block, the model. State-dict keys follow Meta's
+checkpoints (`tok_embeddings`, `layers.N.attention.wq`, ..., `norm`, `output`), so the weights map
+one-to-one onto Meta's layout and, after a RoPE permutation, onto Hugging Face's (`lmtrain.export_hf`).
+
+Ablation switches, each changing exactly one thing:
+  norm: "rmsnorm" (Llama) | "layernorm" (GPT-2; weight and bias)
+  mlp:  "swiglu"  (Llama; w1, w2, w3) | "gelu" (GPT-2; w1, w2 with hidden = 4 * dim)
+  pos:  "rope"    (Llama; no parameters) | "learned" (GPT-2; `pos_embeddings`, seq_len x dim)
+Linear layers never have biases, in either setting, so that a switch isolates its own effect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmtrain.errors import UserError
+from profiling.nvtx import nvtx_range
+
+# --------------------------------------------------------------------------------------------------
+# Arguments and presets
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TransformerModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = 8  # None: as many as n_heads (plain multi-head attention)
+    vocab_size: int = 128256
+    multiple_of: int = 1024  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = 1.3
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    seq_len: int = 2048  # longest sequence: size of the RoPE tables / learned position table
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    pos: Literal["rope", "learned"] = "rope"
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"model.{name} must be a positive integer, got {value!r}")
+        for name, valid in (("norm", NORMS), ("mlp", MLPS), ("pos", POSITIONS)):
+            if getattr(self, name) not in valid:
+                raise UserError(
+                    f"model.{name} must be one of {', '.join(valid)}, got {getattr(self, name)!r}"
+                )
+        if self.dim % self.n_heads:
+            raise UserError(
+                f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}: every head gets "
+                f"dim / n_heads channels; pick n_heads among the divisors of {self.dim}"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise UserError(
+                f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}: "
+                "grouped-query attention shares each key/value head among n_heads / n_kv_heads query "
+                "heads; pick n_kv_heads among the divisors of n_heads"
+            )
+        if self.pos == "rope" and self.head_dim % 2:
+            raise UserError(
+                f"rotary embeddings rotate pairs of channels, so dim / n_heads must be even "
+                f"(got {self.dim} / {self.n_heads} = {self.head_dim}); change model.dim or model.n_heads"
+            )
+        if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
+            raise UserError(f"model.ffn_dim_multiplier must be > 0, got {self.ffn_dim_multiplier}")
+        if not self.norm_eps > 0 or not self.rope_theta > 0:
+            raise UserError("model.norm_eps and model.rope_theta must be > 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        if self.mlp == "gelu":
+            return 4 * self.dim  # GPT-2
+        # Meta's rule: 2/3 of 4*dim keeps SwiGLU's three matrices at the cost of a 4*dim two-matrix MLP,
+        # then the multiplier, then round up so the matmuls tile well.
+        hidden = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+NORMS = ("rmsnorm", "layernorm")
+MLPS = ("swiglu", "gelu")
+POSITIONS = ("rope", "learned")
+
+# Every preset names every architecture field except vocab_size and seq_len, which come from the
+# tokenizer and the data (or from explicit overrides).
+PRESETS: dict[str, dict[str, Any]] = {
+    # Meta Llama-3 8B: 8.03B parameters with a 128K vocabulary.
+    "llama3-8b": dict(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024, ffn_dim_multiplier=1.3,
+        norm_eps=1e-5, rope_theta=500000.0, norm="rmsnorm", mlp="swiglu", pos="rope",
+    ),
+    # A few million parameters: trains on a laptop CPU in minutes; used by tests and the smoke job.
+    "tiny": dict(
+        dim=256, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=256, ffn_dim_multiplier=None,
+        norm_eps=1e-5, rope_theta=10000.0, norm="rmsnorm", mlp="swiglu", pos="rope",
+    ),
+    # Llama-style ablation base, small enough for a CPU run of a few hundred steps in a few minutes.
+    # Plain multi-head attention so that flipping norm/mlp/pos lands exactly on gpt2-style blocks.
+    "ablation-small": dict(
+        dim=256, n_layers=6, n_heads=8, n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=None,
+        norm_eps=1e-5, rope_theta=10000.0, norm="rmsnorm", mlp="swiglu", pos="rope",
+    ),
+    # GPT-2 small (124M with its 50257 vocabulary, biases aside): the baseline of the ablation study.
+    "gpt2-small": dict(
+        dim=768, n_layers=12, n_heads=12, n_kv_heads=12, multiple_of=256, ffn_dim_multiplier=None,
+        norm_eps=1e-5, rope_theta=10000.0, norm="layernorm", mlp="gelu", pos="learned",
+    ),
+}  # fmt: skip
+
+
+def model_args_from_config(cfg: Any, *, vocab_size: int, seq_len: int) -> TransformerModelArgs:
+    """The preset named by `cfg.preset` (a `ModelConfig`), with every non-None field of cfg on top.
+
+    `vocab_size` and `seq_len` come from the tokenizer and the data; cfg.vocab_size / cfg.seq_len win.
+    """
+    if cfg.preset not in PRESETS:
+        raise UserError(
+            f"unknown model.preset '{cfg.preset}'; valid presets: {', '.join(PRESETS)} "
+            "(`lmtrain params --list` describes them)"
+        )
+    kwargs = dict(PRESETS[cfg.preset], vocab_size=vocab_size, seq_len=seq_len)
+    for f in dataclasses.fields(TransformerModelArgs):
+        value = getattr(cfg, f.name, None)
+        if value is not None:
+            kwargs[f.name] = value
+    return TransformerModelArgs(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight: LayerNorm without centring and without bias (Llama)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in fp32 even for bf16 activations: the mean of squares loses too much in bf16.
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def build_norm(args: TransformerModelArgs) -> nn.Module:
+    if args.norm == "rmsnorm":
+        return RMSNorm(args.dim, eps=args.norm_eps)
+    return nn.LayerNorm(args.dim, eps=args.norm_eps)  # weight and bias, as GPT-2
+
+
+# --------------------------------------------------------------------------------------------------
+# Rotary position embeddings (Meta's convention)
+# --------------------------------------------------------------------------------------------------
+
+
+def rope_tables(head_dim: int, seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angle of every (position, channel pair): two (seq_len, head_dim/2).
+
+    Pair i of a head rotates at frequency theta^(-2i/head_dim), so low pairs turn fast (local
+    position) and high pairs slowly (long range). Meta stores these as complex `freqs_cis`; cos and sin
+    in real tensors are the same numbers and keep torch.compile away from complex dtypes.
+    """
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim)
+    )
+    positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+    angles = torch.outer(positions, inv_freq)  # (T, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive channel pairs (0,1), (2,3), ... of every head: x is (B, T, H, hd).
+
+    This is Meta's `view_as_complex` on pairs followed by a multiplication with e^(i*angle):
+    (a + ib)(cos + i sin) = (a cos - b sin) + i(a sin + b cos). Hugging Face instead pairs channel j
+    with j + hd/2 ("rotate_half"); `lmtrain.export_hf` permutes wq/wk rows to convert.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
+    a, b = pairs.unbind(-1)  # (B, T, H, hd/2) each
+    cos = cos[None, :, None, :]  # (1, T, 1, hd/2): broadcast over batch and heads
+    sin = sin[None, :, None, :]
+    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)  # (B, T, H, hd/2, 2)
+    return rotated.flatten(-2).type_as(x)  # (B, T, H, hd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far for one layer, pre-allocated for the whole context.
+
+    It holds the n_kv_heads key/value heads, not the n_heads repeated ones: grouped-query attention
+    exists precisely to shrink this cache (4x for Llama-3 8B).
+    """
+
+    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv, T, hd) at positions start_pos.. and return all keys/values so far."""
+        end = start_pos + k.shape[2]
+        assert end <= self.k.shape[2], "KV cache overflow: the caller must stop at the context length"
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]  # (B, n_kv, start_pos + T, hd)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, n_kv, T, hd) -> (B, n_kv * n_rep, T, hd): each key/value head serves n_rep query heads."""
+    if n_rep == 1:
+        return x
+    return x.repeat_interleave(n_rep, dim=1)
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention; rotary embeddings on q and k when pos == "rope"."""
+
+    def __init__(self, args: TransformerModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.head_dim = args.head_dim
+        self.use_rope = args.pos == "rope"
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        rope: tuple[torch.Tensor, torch.Tensor] | None,  # cos, sin: (T, hd/2) each
+        mask: torch.Tensor | None,  # (B or 1, 1, T, S) bool, True = may attend; None = plain causal
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        with nvtx_range("Attention/wq"):
+            q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
+        with nvtx_range("Attention/wk"):
+            k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
+        with nvtx_range("Attention/wv"):
+            v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
+        if self.use_rope:
+            assert rope is not None
+            q, k = apply_rotary_emb(q, *rope), apply_rotary_emb(k, *rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        if cache is not None:
+            k, v = cache.update(start_pos, k, v)  # (B, Hkv, S, hd) with S = start_pos + T
+        rep = self.n_heads // self.n_kv_heads
+        with nvtx_range("Attention/sdpa"):
+            out = F.scaled_dot_product_attention(
+                q, repeat_kv(k, rep), repeat_kv(v, rep), attn_mask=mask, is_causal=mask is None and T > 1
+            )  # (B, H, T, hd)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)
+        with nvtx_range("Attention/wo"):
+            return self.wo(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Feed-forward
+# --------------------------------------------------------------------------------------------------
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x). The gate w1 decides, per hidden unit, how much of w3 x passes."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        with nvtx_range("FeedForward/w1"):
+            gate = F.silu(self.w1(x))  # (B, T, hidden)
+        with nvtx_range("FeedForward/w3"):
+            up = self.w3(x)  # (B, T, hidden)
+        with nvtx_range("FeedForward/w2"):
+            return self.w2(gate * up)
+
+
+class GeluFeedForward(nn.Module):
+    """GPT-2's MLP: w2(gelu(w1 x)) with hidden = 4 * dim (tanh approximation, as GPT-2)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        with nvtx_range("FeedForward/w1"):
+            h = F.gelu(self.w1(x), approximate="tanh")  # (B, T, 4C)
+        with nvtx_range("FeedForward/w2"):
+            return self.w2(h)
+
+
+# --------------------------------------------------------------------------------------------------
+# Block and model
+# --------------------------------------------------------------------------------------------------
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+
+    def __init__(self, layer_id: int, args: TransformerModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = build_norm(args)
+        self.attention = Attention(args)
+        self.ffn_norm = build_norm(args)
+        ffn_cls = FeedForward if args.mlp == "swiglu" else GeluFeedForward
+        self.feed_forward = ffn_cls(args.dim, args.ffn_hidden_dim)
+
+    def forward(self, x, rope, mask, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, cache, start_pos)  # (B, T, C)
+        return h + self.feed_forward(self.ffn_norm(h))  # (B, T, C)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: TransformerModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.pos_embeddings = nn.Embedding(args.seq_len, args.dim) if args.pos == "learned" else None
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = build_norm(args)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)  # untied from tok_embeddings
+        # Non-persistent: derived from args, so they stay out of checkpoints (as Meta's freqs_cis).
+        self.register_buffer("freqs_cos", torch.empty(0), persistent=False)
+        self.register_buffer("freqs_sin", torch.empty(0), persistent=False)
+        self.init_weights()
+
+    # ---- initialisation ----------------------------------------------------------------------------
+
+    def reset_rope(self) -> None:
+        """(Re)compute the RoPE tables on the buffers' device; call after `to_empty()` from meta."""
+        if self.args.pos != "rope":
+            return
+        device = self.tok_embeddings.weight.device
+        cos, sin = rope_tables(self.args.head_dim, self.args.seq_len, self.args.rope_theta, device=device)
+        self.freqs_cos, self.freqs_sin = cos, sin  # (seq_len, hd/2) each, fp32 whatever the model dtype
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2's scheme: every weight ~ N(0, 0.02), norms at 1 (bias 0), and the two projections that
+        write into the residual stream (attention.wo, feed_forward.w2) at 0.02 / sqrt(2 * n_layers): the
+        stream sums 2 * n_layers of them, so this keeps its variance at initialisation independent of
+        depth. Also recomputes the RoPE tables. Works on a model materialised with `to_empty()`.
+        """
+        std = 0.02
+        residual_std = std / math.sqrt(2 * self.args.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_residual = name.endswith("attention.wo") or name.endswith("feed_forward.w2")
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+                module.reset_parameters()
+        self.reset_rope()
+
+    # ---- forward -----------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # (B, T) int64
+        doc_ids: torch.Tensor | None = None,  # (B, T): tokens attend only within their own document
+        *,
+        cache: list[KVCache] | None = None,  # one per layer, for incremental decoding
+        start_pos: int = 0,  # position of tokens[:, 0] (non-zero only with a cache)
+    ) -> torch.Tensor:
+        B, T = tokens.shape
+        if start_pos + T > self.args.seq_len:
+            raise UserError(
+                f"sequence of {start_pos + T} tokens is longer than the model's context "
+                f"model.seq_len={self.args.seq_len}: shorten the input or raise model.seq_len"
+            )
+        h = self.tok_embeddings(tokens)  # (B, T, C)
+        if self.pos_embeddings is not None:
+            positions = torch.arange(start_pos, start_pos + T, device=tokens.device)
+            h = h + self.pos_embeddings(positions)  # (B, T, C) + (T, C)
+        rope = None
+        if self.args.pos == "rope":
+            rope = (self.freqs_cos[start_pos : start_pos + T], self.freqs_sin[start_pos : start_pos + T])
+        mask = self._attention_mask(tokens, doc_ids, start_pos)
+        for i, layer in enumerate(self.layers):
+            with nvtx_range(f"layers.{i}"):
+                h = layer(h, rope, mask, None if cache is None else cache[i], start_pos)
+        h = self.norm(h)  # (B, T, C)
+        return self.output(h)  # (B, T, vocab)
+
+    @staticmethod
+    def _attention_mask(tokens: torch.Tensor, doc_ids: torch.Tensor | None, start_pos: int):
+        """None where SDPA's own causal mask is right (the fast path); else a bool (B|1, 1, T, S) mask."""
+        T = tokens.shape[1]
+        if doc_ids is None:
+            if start_pos == 0 or T == 1:
+                return None  # is_causal, or one new token that may see the whole cache
+            # Prefill after a prefix: query t sits at position start_pos + t; SDPA's is_causal would
+            # align queries to the top-left corner instead.
+            q_pos = torch.arange(start_pos, start_pos + T, device=tokens.device)
+            k_pos = torch.arange(start_pos + T, device=tokens.device)
+            return (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S)
+        if doc_ids.shape != tokens.shape:
+            raise UserError(
+                f"doc_ids has shape {tuple(doc_ids.shape)}; expected the tokens' {tuple(tokens.shape)}"
+            )
+        if start_pos != 0:
+            raise UserError(
+                "doc_ids (document masking) is for training; it cannot be combined with a KV cache"
+            )
+        causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()  # (T, T)
+        same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+        return (same_doc & causal)[:, None]  # (B, 1, T, T); the diagonal keeps every row non-empty
+
+    # ---- inference helpers -------------------------------------------------------------------------
+
+    def new_kv_cache(self, batch_size: int, max_seq_len: int | None = None) -> list[KVCache]:
+        """One pre-allocated cache per layer, in the model's dtype and device."""
+        weight = self.output.weight
+        length = min(max_seq_len or self.args.seq_len, self.args.seq_len)
+        return [
+            KVCache(batch_size, length, self.args.n_kv_heads, self.args.head_dim, weight.dtype, weight.device)
+            for _ in range(self.args.n_layers)
+        ]
+
+
+def clean_state_dict_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Strip the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes, wherever they are nested.
+
+    Checkpoints store the plain Meta-layout keys, loadable into an unwrapped `Transformer`.
+    """
+    cleaned = {}
+    for key, value in state_dict.items():
+        parts = [p for p in key.split(".") if p not in ("_orig_mod", "module")]
+        cleaned[".".join(parts)] = value
+    return cleaned
