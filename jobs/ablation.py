@@ -1,0 +1,434 @@
+#!/usr/bin/env python
+"""The ablation study: a minGPT-style baseline and one modern change at a time, then a report.
+
+    python -m jobs.ablation --steps 300 --seeds 2
+
+The study file (`jobs/experiments/ablation/study.yaml`) names a training config and the variants,
+each a set of dotted command-line overrides of that config. Every run is one `lmtrain train`
+command, so it is reproducible from the command printed by `--dry-run` and from the config.yaml the
+trainer saves beside its results. Runs land in `<out>/<variant>-seed<S>/`; a run whose
+summary.json exists is finished and is not redone, an interrupted one resumes from its checkpoint.
+
+Without `--cluster` the runs train here one after another and the report
+(`tools/ablation_report.py`) is written to `<out>/report.md`. With `--cluster local|clariden` they
+are submitted as one Slurm job array through the jobs launcher; `--wait` waits for it and writes the
+report, otherwise run the same command again (or `--report-only`) once the array has finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import yaml
+
+from lmtrain.config import ConfigError, config_from_dict, config_to_dict, load_yaml_with_bases
+from lmtrain.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_STUDY = REPO / "jobs" / "experiments" / "ablation" / "study.yaml"
+
+# Keys that legitimately differ between a run's saved config and its plan (paths, resumption, display).
+_IGNORED_KEYS = {"training.output_dir", "training.run_dir", "checkpoint.resume", "logging.progress"}
+
+
+@dataclasses.dataclass
+class Study:
+    name: str
+    config: Path
+    seeds: list[int]
+    variants: dict[str, dict[str, Any]]
+    """variant -> dotted overrides (combinations already expanded; percentages not yet resolved)."""
+    prepare: list[str]
+
+
+@dataclasses.dataclass
+class PlannedRun:
+    variant: str
+    seed: int
+    run_dir: Path
+    config_path: Path
+    flags: list[str]
+    """`--section.field=value` flags after `--config`: the variant's switches, steps, seed, output."""
+    config: dict
+    """The resolved, validated config this run trains (nested dict as saved by the trainer)."""
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+    @property
+    def done(self) -> bool:
+        return (self.run_dir / "summary.json").is_file()
+
+    def command(self, python: str = sys.executable) -> list[str]:
+        return [python, "-m", "lmtrain.train", "--config", str(self.config_path), *self.flags]
+
+
+# --------------------------------------------------------------------------------------------------
+# Study file
+# --------------------------------------------------------------------------------------------------
+
+
+def load_study(path: str | os.PathLike) -> Study:
+    """Read and check a study file; every mistake is a UserError naming the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--study: study file not found: {path} (the default is {DEFAULT_STUDY})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: YAML syntax error: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping with name, config, seeds and variants")
+    unknown = set(data) - {"name", "config", "seeds", "variants", "prepare"}
+    if unknown:
+        raise UserError(
+            f"{path}: unknown keys {sorted(unknown)}; valid: name, config, seeds, variants, prepare"
+        )
+    name = data.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise UserError(f"{path}: `name` must be a word of letters, digits, '.', '_' or '-', got {name!r}")
+    if not isinstance(data.get("config"), str):
+        raise UserError(f"{path}: `config` must be the path of a training YAML, relative to the study file")
+    config = (path.parent / data["config"]).resolve()
+    if not config.is_file():
+        raise UserError(f"{path}: `config` names {config}, which does not exist")
+    seeds = data.get("seeds")
+    if not isinstance(seeds, list) or not seeds or not all(type(s) is int and s >= 0 for s in seeds):
+        raise UserError(f"{path}: `seeds` must be a non-empty list of integers >= 0, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"{path}: `seeds` has duplicates: {seeds}")
+    prepare = data.get("prepare") or []
+    if not isinstance(prepare, list) or not all(isinstance(a, str) for a in prepare):
+        raise UserError(f"{path}: `prepare` must be a list of `lmtrain` arguments, got {prepare!r}")
+    raw = data.get("variants")
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"{path}: `variants` must be a mapping of variant name -> overrides")
+    variants: dict[str, dict[str, Any]] = {}
+    for variant, spec in raw.items():
+        if not isinstance(variant, str) or not re.fullmatch(r"[A-Za-z0-9_]+", variant):
+            raise UserError(f"{path}: variant name {variant!r} must be letters, digits and '_'")
+        if spec is None:
+            spec = {}
+        if isinstance(spec, dict):
+            for key in spec:
+                if not isinstance(key, str) or key.count(".") != 1:
+                    raise UserError(
+                        f"{path}: variant '{variant}': override {key!r} must be a dotted key such as "
+                        "model.mlp"
+                    )
+            variants[variant] = dict(spec)
+        elif isinstance(spec, list):
+            merged: dict[str, Any] = {}
+            for part in spec:
+                if part not in variants:
+                    raise UserError(
+                        f"{path}: variant '{variant}' combines '{part}', which is not a variant defined "
+                        f"above it (defined: {', '.join(variants)})"
+                    )
+                clash = {k for k in variants[part] if k in merged and merged[k] != variants[part][k]}
+                if clash:
+                    raise UserError(f"{path}: variant '{variant}': its parts disagree on {sorted(clash)}")
+                merged.update(variants[part])
+            variants[variant] = merged
+        else:
+            raise UserError(
+                f"{path}: variant '{variant}' must be a mapping of overrides or a list of variants, "
+                f"got {spec!r}"
+            )
+    return Study(name=name, config=config, seeds=seeds, variants=variants, prepare=prepare)
+
+
+def resolve_value(key: str, value: Any, steps: int) -> Any:
+    """`10%` -> 10% of the training steps (rounded, at least 1); anything else unchanged."""
+    if isinstance(value, str) and value.endswith("%"):
+        try:
+            share = float(value[:-1]) / 100
+        except ValueError:
+            raise UserError(f"{key}: {value!r} is not a percentage such as 10%") from None
+        if not 0 < share <= 1:
+            raise UserError(f"{key}: {value!r} must be a percentage in (0%, 100%]")
+        return max(1, round(share * steps))
+    return value
+
+
+def _display_path(path: Path) -> Path:
+    """`path` relative to the working directory when it lies below it (shorter, portable commands)."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    section, name = key.split(".", 1)
+    if data.get(section) is None:
+        data[section] = {}
+    data[section][name] = value
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, str]:
+    """Extra `--section.field=value` arguments (applied to every run), or a UserError."""
+    out: dict[str, str] = {}
+    for token in tokens:
+        match = re.fullmatch(r"--([A-Za-z_]+\.[A-Za-z_]+)=(.*)", token)
+        if not match:
+            raise UserError(
+                f"unexpected argument {token!r}: extra arguments must be training overrides written "
+                "--section.field=value (e.g. --model.dim=128); see `python -m jobs.ablation --help`"
+            )
+        out[match.group(1)] = match.group(2)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------------------------------
+
+
+def plan(
+    study: Study,
+    out_dir: Path,
+    steps: int | None = None,
+    n_seeds: int = 1,
+    variants: list[str] | None = None,
+    overrides: dict[str, str] | None = None,
+) -> list[PlannedRun]:
+    """The runs of the study, seed by seed, each a validated config and its command-line flags."""
+    if n_seeds < 1 or n_seeds > len(study.seeds):
+        raise UserError(
+            f"--seeds must be between 1 and {len(study.seeds)} (the seeds listed in the study file), "
+            f"got {n_seeds}"
+        )
+    chosen = list(study.variants) if not variants else variants
+    unknown = [v for v in chosen if v not in study.variants]
+    if unknown:
+        raise UserError(f"--variants: unknown {unknown}; the study defines {', '.join(study.variants)}")
+    base = load_yaml_with_bases(study.config)
+    overrides = dict(overrides or {})
+    if steps is None:
+        steps = int(overrides.get("training.steps") or base.get("training", {}).get("steps") or 0)
+        if steps < 1:
+            raise UserError(f"{study.config}: set training.steps or pass --steps")
+    if steps < 1:
+        raise UserError(f"--steps must be >= 1, got {steps}")
+    runs = []
+    for seed in study.seeds[:n_seeds]:
+        for variant in chosen:
+            run_dir = out_dir / f"{variant}-seed{seed}"
+            flags: dict[str, Any] = {}
+            for key, value in study.variants[variant].items():
+                flags[key] = resolve_value(f"{study.name}: variant '{variant}': {key}", value, steps)
+            for key, value in overrides.items():
+                if key in flags:
+                    raise UserError(
+                        f"override --{key} would change the switch that variant '{variant}' tests; "
+                        "change it in the study file instead"
+                    )
+                flags[key] = value
+            flags["training.steps"] = steps
+            flags["training.seed"] = seed
+            flags["training.name"] = f"{study.name}-{variant}"
+            flags["training.output_dir"] = str(run_dir)
+            data = json.loads(json.dumps(base))
+            for key, value in flags.items():
+                _set_dotted(data, key, value)
+            source = f"{study.config} with variant '{variant}'"
+            try:
+                cfg = config_from_dict(data, source=source)
+            except ConfigError as exc:
+                raise UserError(f"{exc} (study file: variant '{variant}' or an extra override)") from None
+            runs.append(
+                PlannedRun(
+                    variant=variant,
+                    seed=seed,
+                    run_dir=run_dir,
+                    config_path=_display_path(study.config),
+                    flags=[f"--{k}={_flag_value(v)}" for k, v in flags.items()],
+                    config=config_to_dict(cfg),
+                )
+            )
+    return runs
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_mismatch(run: PlannedRun) -> list[str]:
+    """Keys where the config saved in an existing run directory differs from the plan."""
+    saved_path = run.run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return []
+    saved = config_to_dict(config_from_dict(yaml.safe_load(saved_path.read_text()) or {}, str(saved_path)))
+    a, b = _flatten(saved), _flatten(run.config)
+    return sorted(k for k in set(a) | set(b) if k not in _IGNORED_KEYS and a.get(k) != b.get(k))
+
+
+def check_existing(runs: list[PlannedRun]) -> None:
+    """Refuse to mix runs of another plan (other steps, data, model) into this study directory."""
+    for run in runs:
+        diff = config_mismatch(run)
+        if diff:
+            raise UserError(
+                f"{run.run_dir} holds a run with another config ({', '.join(diff[:5])} differ): "
+                "pass --out with a new study directory, or delete that run directory to redo it"
+            )
+
+
+def write_plan(runs: list[PlannedRun], out_dir: Path, study: Study) -> Path:
+    """`<out>/plan.json`: every run's command, written atomically (the record of how to redo it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "study": study.name,
+        "study_file_config": str(study.config),
+        "runs": [
+            {"name": r.name, "variant": r.variant, "seed": r.seed, "command": r.command("python")}
+            for r in runs
+        ],
+    }
+    path = out_dir / "plan.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------
+
+
+def prepare_data(study: Study, runs: list[PlannedRun], log=print) -> None:
+    """Build the corpus with the study's `prepare` command when the runs' dataset is missing."""
+    datasets = {r.config["data"]["dataset"] for r in runs}
+    missing = [d for d in datasets if not Path(d).exists()]
+    if not missing:
+        return
+    if not study.prepare:
+        raise UserError(f"dataset {missing[0]} does not exist and the study file has no `prepare` command")
+    log(f"building the corpus: lmtrain {' '.join(study.prepare)}")
+    subprocess.run([sys.executable, "-m", "lmtrain", *study.prepare], check=True)
+
+
+def run_local(runs: list[PlannedRun], logs_dir: Path, log=print) -> None:
+    """Train the unfinished runs here, one after another; a failed run stops the study."""
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    todo = [r for r in runs if not r.done]
+    for r in runs:
+        if r.done:
+            log(f"[skip] {r.name}: finished (summary.json present)")
+    for i, r in enumerate(todo, 1):
+        log_path = logs_dir / f"{r.name}.log"
+        log(f"[{i}/{len(todo)}] {r.name}: {' '.join(r.command('python'))}")
+        start = time.perf_counter()
+        with open(log_path, "w") as fh:
+            proc = subprocess.run(r.command(), stdout=fh, stderr=subprocess.STDOUT, cwd=os.getcwd())
+        if proc.returncode != 0 or not r.done:
+            tail = "".join(log_path.read_text().splitlines(keepends=True)[-20:])
+            raise RuntimeError(
+                f"run {r.name} failed (exit {proc.returncode}); its log is {log_path}:\n{tail}"
+            )
+        log(f"[{i}/{len(todo)}] {r.name}: done in {time.perf_counter() - start:.0f} s")
+
+
+def write_report(out_dir: Path, runs: list[PlannedRun], log=print, generations: bool = True) -> Path:
+    from tools import ablation_report
+
+    finished = [r.run_dir for r in runs if r.done]
+    if not finished:
+        raise UserError(f"no finished run in {out_dir} to report on")
+    args = [str(p) for p in finished] + ["--out", str(out_dir)]
+    if not generations:
+        args.append("--no-generations")
+    ablation_report.main(args)
+    log(f"report: {out_dir / 'report.md'}")
+    return out_dir / "report.md"
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.ablation",
+        description=__doc__.split("\n\n")[0],
+        epilog="Extra --section.field=value arguments override the training config of every run.",
+    )
+    p.add_argument("--study", default=str(DEFAULT_STUDY), help="study file (default: %(default)s)")
+    p.add_argument("--steps", type=int, help="training steps of every run (default: the config's)")
+    p.add_argument("--seeds", type=int, default=1, help="repeat the study with this many seeds")
+    p.add_argument("--variants", help="comma-separated subset of the variants (default: all)")
+    p.add_argument("--out", help="study directory (default: runs/ablation/<study name>-<steps>steps)")
+    p.add_argument("--cluster", help="submit as one Slurm job array on this cluster (local, clariden)")
+    p.add_argument("--wait", action="store_true", help="with --cluster: wait for the array, then report")
+    p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    p.add_argument("--report-only", action="store_true", help="only (re)write the report of finished runs")
+    p.add_argument("--no-generations", action="store_true", help="report without sample generations")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = build_parser().parse_known_args(argv)
+    study = load_study(args.study)
+    overrides = parse_overrides(extra)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    probe = plan(study, Path("."), args.steps, 1, variants[:1] if variants else None, overrides)
+    steps = probe[0].config["training"]["steps"]
+    out_dir = Path(args.out) if args.out else Path("runs") / "ablation" / f"{study.name}-{steps}steps"
+    runs = plan(study, out_dir, steps, args.seeds, variants, overrides)
+    if args.dry_run:
+        for r in runs:
+            state = "finished" if r.done else "to run"
+            print(f"# {r.name} ({state})\n{' '.join(r.command('python'))}")
+        return 0
+    if args.report_only:
+        write_report(out_dir, runs, generations=not args.no_generations)
+        return 0
+    check_existing(runs)
+    write_plan(runs, out_dir, study)
+    if args.cluster:
+        from jobs import ablation_slurm
+
+        jobs = ablation_slurm.submit_array(runs, args.cluster, out_dir)
+        if not args.wait:
+            print(f"report once they finish: python -m jobs.ablation --report-only --out {out_dir} ...")
+            return 0
+        ablation_slurm.wait(jobs)
+    else:
+        prepare_data(study, runs)
+        run_local(runs, out_dir / "logs")
+    write_report(out_dir, runs, generations=not args.no_generations)
+    return 0
+
+
+if __name__ == "__main__":
+    from lmtrain.cli import run_user_facing
+
+    raise SystemExit(run_user_facing(main, sys.argv[1:]))
