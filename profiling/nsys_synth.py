@@ -1,0 +1,140 @@
+"""Synthetic Nsight Systems SQLite exports with known answers, for tests and benchmarks.
+
+    python -c "from profiling.nsys_synth import write_export; print(write_export('/tmp/synth.sqlite', steps=2))"
+
+The export has the tables and columns the report reads (StringIds, META_DATA_EXPORT, TARGET_INFO_GPU,
+CUPTI_ACTIVITY_KIND_KERNEL/RUNTIME, NVTX_EVENTS) in the layout nsys writes: every kernel has a runtime
+launch call with the same correlationId in the same process, nested NVTX push/pop ranges on the launching
+thread (step > forward > layers.i > FeedForward/w1 > optional emit_nvtx op range > launch call). Each GEMM
+kernel lasts exactly its FLOPs / `gemm_tflops`, so the expected achieved rate is known.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+PID = 4242
+GLOBAL_PID = PID << 24
+MAIN_TID = GLOBAL_PID | 4242
+GEMM_NAME = "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN"
+OTHER_NAME = "void at::native::vectorized_elementwise_kernel<(int)4, at::native::CUDAFunctor_add<float>>(int)"
+FFN_RANGES = ("FeedForward/w1", "FeedForward/w3", "FeedForward/w2")
+
+
+@dataclass
+class SynthResult:
+    path: Path
+    kernels: int
+    gemm_kernels: int
+    ffn_shapes: dict[str, tuple[int, int, int, int]]
+    """(batch, M, N, K) per FFN range, as model_range_shapes would give them."""
+
+
+def write_export(
+    path: str | Path,
+    *,
+    steps: int = 2,
+    n_layers: int = 2,
+    tokens: int = 4096,
+    dim: int = 512,
+    hidden: int = 1536,
+    with_sizes: bool = True,
+    gemm_tflops: float = 500.0,
+    extra_kernels_per_gemm: int = 1,
+    device_name: str | None = "NVIDIA H100 80GB HBM3",
+) -> SynthResult:
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        """
+        CREATE TABLE StringIds (id INTEGER PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE META_DATA_EXPORT (name TEXT, value TEXT);
+        CREATE TABLE TARGET_INFO_GPU (id INTEGER, name TEXT);
+        CREATE TABLE CUPTI_ACTIVITY_KIND_KERNEL (start INTEGER NOT NULL, "end" INTEGER NOT NULL,
+            deviceId INTEGER, contextId INTEGER, streamId INTEGER, correlationId INTEGER, globalPid INTEGER,
+            demangledName INTEGER NOT NULL, shortName INTEGER NOT NULL, gridX INTEGER, gridY INTEGER,
+            gridZ INTEGER, blockX INTEGER, blockY INTEGER, blockZ INTEGER);
+        CREATE TABLE CUPTI_ACTIVITY_KIND_RUNTIME (start INTEGER NOT NULL, "end" INTEGER NOT NULL,
+            eventClass INTEGER, globalTid INTEGER, correlationId INTEGER, nameId INTEGER NOT NULL,
+            returnValue INTEGER);
+        CREATE TABLE NVTX_EVENTS (start INTEGER NOT NULL, "end" INTEGER, eventType INTEGER NOT NULL,
+            rangeId INTEGER, text TEXT, globalTid INTEGER, textId INTEGER, domainId INTEGER);
+        """
+    )
+    conn.executemany(
+        "INSERT INTO META_DATA_EXPORT VALUES (?, ?)",
+        [("EXPORT_PRODUCT_VERSION", "2024.5.1.113"), ("EXPORT_SCHEMA_VERSION", "3.13.2")],
+    )
+    if device_name:
+        conn.execute("INSERT INTO TARGET_INFO_GPU VALUES (0, ?)", (device_name,))
+    strings = {GEMM_NAME: 1, OTHER_NAME: 2, "cudaLaunchKernel": 3, "Kernel": 4}
+    conn.executemany("INSERT INTO StringIds VALUES (?, ?)", [(i, s) for s, i in strings.items()])
+
+    shapes = {
+        "FeedForward/w1": (1, tokens, hidden, dim),
+        "FeedForward/w3": (1, tokens, hidden, dim),
+        "FeedForward/w2": (1, tokens, dim, hidden),
+    }
+    kernels: list[tuple] = []
+    runtime: list[tuple] = []
+    nvtx: list[tuple] = []
+    t = 1_000_000  # CPU clock (ns)
+    gpu = 1_000_000  # GPU clock (ns)
+    corr = 0
+    op_id = 0
+    n_gemm = 0
+
+    def launch(name_id: int, dur: int) -> None:
+        nonlocal t, gpu, corr
+        corr += 1
+        runtime.append((t, t + 2_000, 0, MAIN_TID, corr, strings["cudaLaunchKernel"], 0))
+        gpu = max(gpu, t + 5_000)
+        kernels.append(
+            (gpu, gpu + dur, 0, 1, 7, corr, GLOBAL_PID, name_id, strings["Kernel"], 1, 132, 1, 384, 1, 1)
+        )
+        gpu += dur + 1_000
+        t += 3_000
+
+    def push(name: str) -> int:
+        nonlocal t
+        nvtx.append([t, None, 59, None, name, MAIN_TID, None, 0])
+        t += 500
+        return len(nvtx) - 1
+
+    def pop(index: int) -> None:
+        nonlocal t
+        t += 500
+        nvtx[index][1] = t
+
+    for step in range(steps):
+        s = push("step")
+        f = push("forward")
+        for layer in range(n_layers):
+            lr = push(f"layers.{layer}")
+            for name in FFN_RANGES:
+                r = push(name)
+                _, m, n, k = shapes[name]
+                o = None
+                if with_sizes:
+                    op_id += 1
+                    o = push(f"aten::mm, seq = {op_id}, op_id = {op_id}, sizes = [[{m}, {k}], [{k}, {n}]]")
+                launch(strings[GEMM_NAME], round(2 * m * n * k / (gemm_tflops * 1e3)))
+                n_gemm += 1
+                if o is not None:
+                    pop(o)
+                for _ in range(extra_kernels_per_gemm):
+                    launch(strings[OTHER_NAME], 2_000)
+                pop(r)
+            pop(lr)
+        pop(f)
+        pop(s)
+        del step
+    conn.executemany("INSERT INTO CUPTI_ACTIVITY_KIND_KERNEL VALUES (" + ",".join("?" * 15) + ")", kernels)
+    conn.executemany("INSERT INTO CUPTI_ACTIVITY_KIND_RUNTIME VALUES (?, ?, ?, ?, ?, ?, ?)", runtime)
+    conn.executemany("INSERT INTO NVTX_EVENTS VALUES (?, ?, ?, ?, ?, ?, ?, ?)", nvtx)
+    conn.commit()
+    conn.close()
+    return SynthResult(path, len(kernels), n_gemm, shapes)

@@ -1,0 +1,272 @@
+"""tools/nsys_gemm_report.py and profiling.nsys_sqlite on real nsys exports and synthetic ones with known answers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmtrain.errors import UserError
+from profiling import nsys_sqlite as ns
+from profiling.nsys_synth import write_export
+from tools import nsys_gemm_report as report
+
+
+def gpukernsum_by_name(path: Path) -> dict[str, tuple[int, int]]:
+    """Per kernel name (instances, total ns) from `nsys stats --report gpukernsum` CSV (rows split by grid)."""
+    out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    with open(path) as fh:
+        for row in csv.DictReader(fh):
+            out[row["Name"]][0] += int(row["Instances"])
+            out[row["Name"]][1] += int(row["Total Time (ns)"])
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def run(argv, capsys) -> tuple[int, str, str]:
+    rc = report.run_tool(report.main, [str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.mark.parametrize("stem", ["mfu_2gpu_before", "perlmutter-cloverleaf-cuda"])
+def test_kernel_totals_equal_nsys_stats(nsys_fixtures, stem):
+    expected = gpukernsum_by_name(nsys_fixtures / f"{stem}_gpukernsum.csv")
+    rows = ns.kernel_summary(ns.open_export(nsys_fixtures / f"{stem}.sqlite"))
+    got = {r["name"]: (r["count"], r["total_ns"]) for r in rows}
+    assert got == expected
+
+
+def test_h100_fixture_gemms(nsys_fixtures, tmp_path, capsys):
+    expected = gpukernsum_by_name(nsys_fixtures / "mfu_2gpu_before_gpukernsum.csv")
+    out_json = tmp_path / "r.json"
+    rc, out, err = run([nsys_fixtures / "mfu_2gpu_before.sqlite", "--json", out_json, "--csv", tmp_path / "r.csv",
+                        "--markdown", tmp_path / "r.md"], capsys)  # fmt: skip
+    assert rc == 0, err
+    data = json.loads(out_json.read_text())
+    kernels = {r["name"]: (r["count"], r["total_ns"]) for r in data["groups"]["kernel"]}
+    nvjet = {k: v for k, v in expected.items() if k.startswith("nvjet_")}
+    assert kernels == nvjet and len(nvjet) == 3  # flash-attention (cutlass inside) is not a GEMM
+    assert not any("flash" in k for k in kernels)
+    assert data["gemm_kernels"] == sum(c for c, _ in nvjet.values())
+    # emit_nvtx ranges without shapes: GEMMs land in aten::addmm, their time sums to the GEMM total.
+    ranges = {r["name"]: r for r in data["groups"]["range"]}
+    assert ranges["aten::addmm"]["count"] > 300
+    assert sum(r["total_ns"] for r in ranges.values()) == data["gemm_time_ns"]
+    assert "default reference" in data["peak_source"] and data["peak_tflops"] == 989.0
+    assert "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN" in out
+    assert "| nvjet_tst_192x192" in (tmp_path / "r.md").read_text()
+    assert (tmp_path / "r.csv").read_text().startswith("group,name,count,total_ns")
+
+
+def test_a100_fixture_has_no_gemms_and_lists_top_kernels(nsys_fixtures, capsys):
+    rc, out, err = run([nsys_fixtures / "perlmutter-cloverleaf-cuda.sqlite"], capsys)
+    assert rc == 2
+    assert "no GEMM kernels" in err and "PdV_kernel" in err and "Traceback" not in err
+
+
+def test_device_detection_from_target_info_gpu(nsys_fixtures):
+    export = ns.open_export(nsys_fixtures / "perlmutter-cloverleaf-cuda.sqlite")
+    args = report.build_parser().parse_args([str(export.path)])
+    flops, bandwidth, source = report.resolve_peaks(args, export)
+    assert (flops, bandwidth) == (312e12, 2.0e12) and "A100-SXM4-80GB" in source
+    args = report.build_parser().parse_args([str(export.path), "--gpu", "gh200", "--peak-bandwidth", "1e12"])
+    flops, bandwidth, source = report.resolve_peaks(args, export)
+    assert (flops, bandwidth) == (989e12, 1e12) and "--gpu gh200" in source and "overridden" in source
+
+
+def test_minimal_column_export(nsys_fixtures, tmp_path, capsys):
+    rc, _, err = run(
+        [nsys_fixtures / "healthy_1pct.sqlite", "--json", tmp_path / "r.json", "--quiet"], capsys
+    )
+    assert rc == 0, err
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["nsys_version"] == "2026.1.1.204"
+    assert "NVIDIA H100 80GB HBM3" in data["peak_source"] and data["peak_bandwidth"] == 3.35e12
+    (row,) = data["groups"]["kernel"]
+    assert row["name"].startswith("void cutlass::gemm_nn_128x128") and row["count"] == 200
+
+
+@pytest.mark.parametrize("stem", ["ffn_nvtx_ctypes", "ffn_pynvtx0211"])
+def test_cpu_nvtx_fixtures_match_nvtxsum(nsys_fixtures, stem, tmp_path, capsys):
+    with open(nsys_fixtures / f"{stem}_nvtxsum.csv") as fh:
+        expected = {
+            (r["Range"], r["Style"]): (int(r["Instances"]), int(r["Total Time (ns)"]))
+            for r in csv.DictReader(fh)
+        }
+    rows = ns.nvtx_summary(ns.open_export(nsys_fixtures / f"{stem}.sqlite"))
+    assert {(r["name"], r["style"]): (r["count"], r["total_ns"]) for r in rows} == expected
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["w1"]["parent"] == "FeedForward" and by_name["w1"]["depth"] == 2
+    # No kernel table: the tool falls back to the NVTX summary and says how to get GEMMs.
+    rc, out, err = run([nsys_fixtures / f"{stem}.sqlite", "--json", tmp_path / "n.json"], capsys)
+    assert rc == 0, err
+    assert "--trace=cuda" in out
+    names = [r["name"] for r in json.loads((tmp_path / "n.json").read_text())["ranges"]]
+    assert (
+        names.index("step 0")
+        < names.index("FeedForward")
+        < names.index("w1")
+        < names.index("w3")
+        < names.index("w2")
+    )
+
+
+# ---------------------------------------------------------------------------------------------- synthetic
+
+
+def test_emit_nvtx_shapes_give_flops_and_roofline(tmp_path, capsys):
+    synth = write_export(tmp_path / "s.sqlite", steps=2, n_layers=2, with_sizes=True, gemm_tflops=500.0)
+    rc, _, err = run([synth.path, "--json", tmp_path / "r.json", "--quiet"], capsys)
+    assert rc == 0, err
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["gemm_kernels"] == synth.gemm_kernels == 2 * 2 * 3
+    ranges = {r["name"]: r for r in data["groups"]["range"]}
+    assert set(ranges) == set(synth.ffn_shapes)
+    for name, (b, m, n, k) in synth.ffn_shapes.items():
+        row = ranges[name]
+        assert row["count"] == 4
+        assert row["flops"] == pytest.approx(4 * 2 * b * m * n * k)
+        assert row["bytes"] == pytest.approx(4 * 2 * (m * k + k * n + m * n))
+        assert row["tflops"] == pytest.approx(500.0, rel=1e-3)
+        ai = m * n * k / (m * k + k * n + m * n)
+        assert row["ai"] == pytest.approx(ai)
+        assert row["bound_tflops"] == pytest.approx(min(989.0, ai * 3.35e12 / 1e12))
+        assert row["share_of_bound"] == pytest.approx(500.0 / row["bound_tflops"], rel=1e-3)
+    layers = {r["name"]: r["count"] for r in data["groups"]["layer"]}
+    assert layers == {"layers.0": 6, "layers.1": 6}
+
+
+def test_model_config_shapes_without_emit_nvtx(tmp_path, capsys):
+    synth = write_export(tmp_path / "s.sqlite", steps=1, n_layers=2, tokens=2048, dim=256, hidden=768,
+                         with_sizes=False)  # fmt: skip
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = {"model": {"preset": "tiny", "dim": 256, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 256},
+           "data": {"sequence_length": 1024, "batch_size": 2}}  # fmt: skip
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    # Without shapes: times only.
+    rc, _, err = run([synth.path, "--json", tmp_path / "a.json", "--quiet"], capsys)
+    assert rc == 0, err
+    assert all(r["flops"] is None for r in json.loads((tmp_path / "a.json").read_text())["groups"]["range"])
+    rc, _, err = run([synth.path, "--run", run_dir, "--json", tmp_path / "b.json", "--quiet"], capsys)
+    assert rc == 0, err
+    data = json.loads((tmp_path / "b.json").read_text())
+    ranges = {r["name"]: r for r in data["groups"]["range"]}
+    # tiny preset with dim 256: SwiGLU hidden = 256 * ceil(int(8 * 256 / 3) / 256) = 768; tokens 2 x 1024.
+    assert ranges["FeedForward/w1"]["flops"] == pytest.approx(2 * 2 * 2048 * 768 * 256)
+    assert ranges["FeedForward/w2"]["flops"] == pytest.approx(2 * 2 * 2048 * 256 * 768)
+    assert ranges["FeedForward/w1"]["tflops"] == pytest.approx(500.0, rel=1e-3)
+    assert "model config" in data["shapes_source"]
+
+
+def test_gemm_dims_of_aten_ops():
+    assert ns.gemm_dims("aten::mm", [[8, 4], [4, 16]]) == (1, 8, 16, 4)
+    assert ns.gemm_dims("aten::addmm", [[16], [8, 4], [4, 16], [], []]) == (1, 8, 16, 4)
+    assert ns.gemm_dims("aten::bmm", [[3, 8, 4], [3, 4, 16]]) == (3, 8, 16, 4)
+    assert ns.gemm_dims("aten::linear", [[2, 8, 4], [16, 4], [16]]) == (1, 16, 16, 4)
+    assert ns.gemm_dims("aten::matmul", [[2, 8, 4], [4, 16]]) == (1, 16, 16, 4)
+    assert ns.gemm_dims("aten::add", [[2, 8], [2, 8]]) is None
+    assert ns.parse_sizes(
+        "aten::mm, seq = 3, op_id = 9, sizes = [[8, 4], [4, 16]], input_op_ids = [(1, 0)]"
+    ) == [[8, 4], [4, 16]]
+    assert ns.parse_sizes("aten::mm, seq = 3") is None
+
+
+@pytest.mark.parametrize(
+    "name, gemm",
+    [
+        (
+            "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize1x1x1_execute_segment_k_off",
+            True,
+        ),
+        ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN", True),
+        (
+            "cutlass3x_sm90_tensorop_gemm_bf16_bf16_f32_bf16_bf16_128x256x64_1x2x1_0_tnn_align8_warpspecialized",
+            True,
+        ),
+        ("cutlass_80_tensorop_bf16_s16816gemm_bf16_128x128_32x4_tn_align8", True),
+        ("ampere_bf16_s16816gemm_bf16_128x64_ldg8_f2f_stages_64x4_tn", True),
+        (
+            "void flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, cutlass::bfloat16_t>>",
+            False,
+        ),
+        ("void cutlass::Kernel2<cutlass_80_tensorop_fmha_forward_bf16>(Params)", False),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", False),
+        ("void gemv2T_kernel_val<int, int, float, float, float, float, 128, 16, 4, 4>", False),
+    ],
+)
+def test_gemm_recognition(name, gemm):
+    assert ns.is_gemm(name) is gemm
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_missing_file(tmp_path, capsys):
+    rc, _, err = run([tmp_path / "nope.sqlite"], capsys)
+    assert rc == 2 and "no such file" in err
+
+
+def test_not_sqlite(tmp_path, capsys):
+    p = tmp_path / "trace.nsys-rep"
+    p.write_bytes(b"not a database at all")
+    rc, _, err = run([p], capsys)
+    assert rc == 2 and "not an SQLite file" in err and "nsys export --type sqlite" in err
+
+
+def test_sqlite_but_not_nsys(tmp_path, capsys):
+    p = tmp_path / "other.sqlite"
+    with sqlite3.connect(p) as c:
+        c.execute("CREATE TABLE users (id INTEGER)")
+    rc, _, err = run([p], capsys)
+    assert rc == 2 and "not an Nsight Systems export" in err
+
+
+def test_no_kernel_table_and_no_nvtx(tmp_path, capsys):
+    p = tmp_path / "osrt.sqlite"
+    with sqlite3.connect(p) as c:
+        c.execute("CREATE TABLE StringIds (id INTEGER PRIMARY KEY, value TEXT)")
+        c.execute("CREATE TABLE META_DATA_EXPORT (name TEXT, value TEXT)")
+    rc, _, err = run([p], capsys)
+    assert rc == 2 and "CUPTI_ACTIVITY_KIND_KERNEL" in err and "--trace=cuda" in err
+
+
+def test_empty_capture_window(tmp_path, capsys):
+    synth = write_export(tmp_path / "s.sqlite", steps=1)
+    with sqlite3.connect(synth.path) as c:
+        c.execute("DELETE FROM CUPTI_ACTIVITY_KIND_KERNEL")
+    rc, _, err = run([synth.path], capsys)
+    assert rc == 2 and "is empty" in err and "capture window" in err
+
+
+def test_unknown_device_needs_a_peak(tmp_path, capsys):
+    synth = write_export(tmp_path / "s.sqlite", steps=1, device_name="Tesla V100-SXM2-16GB")
+    rc, _, err = run([synth.path], capsys)
+    assert rc == 2 and "Tesla V100" in err and "--gpu" in err
+    rc, _, err = run([synth.path, "--peak-tflops", "125", "--peak-bandwidth", "9e11", "--quiet"], capsys)
+    assert rc == 0, err
+
+
+def test_bad_numbers_and_missing_run_config(tmp_path, capsys):
+    synth = write_export(tmp_path / "s.sqlite", steps=1)
+    rc, _, err = run([synth.path, "--peak-tflops", "0", "--peak-bandwidth", "1"], capsys)
+    assert rc == 2 and "must be > 0" in err
+    rc, _, err = run([synth.path, "--tokens", "0"], capsys)
+    assert rc == 2 and "--tokens" in err
+    rc, _, err = run([synth.path, "--run", tmp_path], capsys)
+    assert rc == 2 and "config.yaml" in err
+    with pytest.raises(UserError):
+        ns.nvtx_summary(ns.open_export(Path(__file__).parents[1] / "nonexistent.sqlite"))
+
+
+def test_nvtx_mode_without_nvtx_table(nsys_fixtures, capsys):
+    rc, _, err = run([nsys_fixtures / "healthy_1pct.sqlite", "--nvtx"], capsys)
+    assert rc == 2 and "NVTX_EVENTS" in err
