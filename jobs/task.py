@@ -1,0 +1,170 @@
+"""What one Slurm task of an lmtrain job runs: the training command, with checkpoint-and-requeue.
+
+    python -m jobs.task RUN_DIR        # inside an allocation (the standalone RUN/job.sbatch does this)
+
+Under submitit the job is a `TrainTask` (a `submitit.helpers.Checkpointable`): `__call__` exports the
+torch.distributed variables (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK) of this Slurm task, runs
+the task command (`[nsys ...] [numactl ...] python -m lmtrain.train --config RUN/config.yaml`) as a
+child process and returns the run's summary.json. When Slurm signals the job before its time limit
+(or on preemption), submitit calls `checkpoint()`: it signals the trainer, waits until it has saved
+and exited (`EXIT_REQUEUE`), and returns the resubmission of the same task; submitit requeues the job,
+which starts again in the same run directory and resumes (`checkpoint.resume: auto`).
+
+Note: submitit decides "timed out" versus "preempted" from the elapsed time; with a time limit under
+10 minutes every signal counts as a time-out, and a job is requeued after a time-out at most
+`job.max_num_timeout` times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from jobs.spec import EXIT_REQUEUE
+
+# The signal Slurm sends before the time limit (#SBATCH --signal=USR2@N); the trainer saves on it.
+STOP_SIGNAL = signal.SIGUSR2
+
+
+def read_summary(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def export_distributed_env() -> dict[str, str]:
+    """Set the torch.distributed env:// variables for this Slurm task (one task per GPU).
+
+    CUDA_VISIBLE_DEVICES is left to Slurm (`--gpus-per-task=1` gives each task its own GPU)."""
+    dist = submitit.helpers.TorchDistributedEnvironment().export(
+        set_cuda_visible_devices=False, overwrite=True
+    )
+    return {
+        "MASTER_ADDR": dist.master_addr,
+        "MASTER_PORT": str(dist.master_port),
+        "RANK": str(dist.rank),
+        "WORLD_SIZE": str(dist.world_size),
+        "LOCAL_RANK": str(dist.local_rank),
+    }
+
+
+class TrainTask(submitit.helpers.Checkpointable):
+    """Run the task command of one run directory; checkpointable through the trainer's own checkpoints."""
+
+    def __init__(self, run_dir: str, command: list[str], grace_s: float = 80.0) -> None:
+        self.run_dir = str(run_dir)
+        self.command = list(command)
+        self.grace_s = float(grace_s)
+        self._proc: subprocess.Popen | None = None
+        self._stopping = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_proc"] = None
+        state["_stopping"] = False
+        return state
+
+    def __call__(self) -> dict[str, Any] | None:
+        env = export_distributed_env()
+        restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+        print(
+            f"lmtrain task rank {env['RANK']}/{env['WORLD_SIZE']} (restart {restart}): "
+            f"{' '.join(self.command)}",
+            flush=True,
+        )
+        self._proc = subprocess.Popen(self.command)
+        # Poll rather than wait(): a signal handler that runs meanwhile (checkpoint) must be able to reap
+        # the child, and Popen.wait() holds a lock that would make it wait out its whole timeout.
+        while (rc := self._proc.poll()) is None:
+            time.sleep(0.2)
+        return self._finish(rc)
+
+    def _finish(self, rc: int) -> dict[str, Any] | None:
+        if rc == EXIT_REQUEUE:
+            # The trainer saw the stop signal first; submitit's handler for the same signal is about to
+            # run in this process (it requeues and exits). Give it the time to.
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                time.sleep(0.5)
+            raise RuntimeError(
+                f"the trainer saved a checkpoint and stopped for a requeue (exit {EXIT_REQUEUE}), but the "
+                f"job was not requeued; submit again with training.output_dir={self.run_dir} to resume"
+            )
+        if rc != 0:
+            raise RuntimeError(
+                f"training exited with code {rc}; see the task logs in {self.run_dir}/submitit/ "
+                f"(python -m jobs.logs --run {self.run_dir})"
+            )
+        return read_summary(self.run_dir)
+
+    def stop_child(self) -> int | None:
+        """Ask the trainer to save and stop; wait for it (at most grace_s). Returns its exit code."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return None if proc is None else proc.returncode
+        self._stopping = True
+        try:
+            proc.send_signal(STOP_SIGNAL)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + self.grace_s
+        while (rc := proc.poll()) is None:
+            if time.monotonic() > deadline:
+                print(f"lmtrain task: the trainer did not stop within {self.grace_s:.0f} s", flush=True)
+                return None
+            time.sleep(0.2)
+        return rc
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        rc = self.stop_child()
+        print(
+            f"lmtrain task: trainer stopped (exit {rc}); requeueing to resume from its checkpoint", flush=True
+        )
+        return submitit.helpers.DelayedSubmission(TrainTask(self.run_dir, self.command, self.grace_s))
+
+
+# --------------------------------------------------------------------------------------------------
+# Standalone: `srun python -m jobs.task RUN` from RUN/job.sbatch (no submitit pickles)
+# --------------------------------------------------------------------------------------------------
+
+
+def load_task(run_dir: str | os.PathLike) -> tuple[TrainTask, int]:
+    spec = json.loads((Path(run_dir) / "task.json").read_text())
+    return TrainTask(str(run_dir), spec["command"], spec.get("grace_s", 80.0)), int(spec["max_num_timeout"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m jobs.task RUN_DIR", file=sys.stderr)
+        return 2
+    task, max_requeues = load_task(argv[0])
+    rank = int(os.environ.get("SLURM_PROCID", "0"))
+
+    def on_stop(signum, frame):  # noqa: ARG001
+        rc = task.stop_child()
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        if rank == 0 and restarts < max_requeues and os.environ.get("SLURM_JOB_ID"):
+            print(f"lmtrain task: trainer stopped (exit {rc}); requeueing", flush=True)
+            subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False, timeout=60)
+        raise SystemExit(EXIT_REQUEUE)
+
+    signal.signal(STOP_SIGNAL, on_stop)
+    signal.signal(signal.SIGTERM, lambda s, f: None)  # the trainer handles SIGTERM itself
+    summary = task()
+    if summary is not None and rank == 0:
+        print(f"lmtrain task: summary {json.dumps(summary)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
