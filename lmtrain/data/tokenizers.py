@@ -147,6 +147,11 @@ def resolve_tokenizer(cfg: DataConfig) -> PreTrainedTokenizerFast:
     """`cfg.tokenizer` if set, else the tokenizer `lmtrain prepare` saved beside the dataset."""
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
+    if not Path(cfg.dataset).exists():
+        raise UserError(
+            f"dataset {cfg.dataset} does not exist: pass a directory written by `lmtrain prepare`, a parquet, "
+            f"JSONL or .tokens.bin file (data.dataset / --dataset)"
+        )
     saved = dataset_tokenizer_dir(cfg.dataset)
     if saved.is_dir():
         return load_tokenizer(str(saved))
