@@ -51,6 +51,8 @@ class Study:
     variants: dict[str, dict[str, Any]]
     """variant -> dotted overrides (combinations already expanded; percentages not yet resolved)."""
     prepare: list[str]
+    experiment: Path | None = None
+    """Launcher experiment (the config plus a `job:` section) for --cluster; None: local runs only."""
 
 
 @dataclasses.dataclass
@@ -70,10 +72,27 @@ class PlannedRun:
 
     @property
     def done(self) -> bool:
-        return (self.run_dir / "summary.json").is_file()
+        """Finished: summary.json written at the end of training (not after a stop for requeue)."""
+        return run_finished(self.run_dir)
 
     def command(self, python: str = sys.executable) -> list[str]:
         return [python, "-m", "lmtrain.train", "--config", str(self.config_path), *self.flags]
+
+    def launcher_overrides(self) -> list[str]:
+        """The flags as the launcher's `key=value` overrides (it sets the output directory itself)."""
+        return [f[2:] for f in self.flags if not f.startswith("--training.output_dir=")]
+
+
+def run_finished(run_dir: Path) -> bool:
+    """summary.json is there and does not record a stop for requeue (a later job resumes that run)."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return False
+    try:
+        summary = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return False
+    return isinstance(summary, dict) and summary.get("exit_reason") != "signal"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,11 +111,10 @@ def load_study(path: str | os.PathLike) -> Study:
         raise UserError(f"{path}: YAML syntax error: {exc}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping with name, config, seeds and variants")
-    unknown = set(data) - {"name", "config", "seeds", "variants", "prepare"}
+    valid = ("name", "config", "experiment", "seeds", "variants", "prepare")
+    unknown = set(data) - set(valid)
     if unknown:
-        raise UserError(
-            f"{path}: unknown keys {sorted(unknown)}; valid: name, config, seeds, variants, prepare"
-        )
+        raise UserError(f"{path}: unknown keys {sorted(unknown)}; valid: {', '.join(valid)}")
     name = data.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise UserError(f"{path}: `name` must be a word of letters, digits, '.', '_' or '-', got {name!r}")
@@ -105,6 +123,13 @@ def load_study(path: str | os.PathLike) -> Study:
     config = (path.parent / data["config"]).resolve()
     if not config.is_file():
         raise UserError(f"{path}: `config` names {config}, which does not exist")
+    experiment = None
+    if data.get("experiment") is not None:
+        if not isinstance(data["experiment"], str):
+            raise UserError(f"{path}: `experiment` must be the path of a launcher experiment YAML")
+        experiment = (path.parent / data["experiment"]).resolve()
+        if not experiment.is_file():
+            raise UserError(f"{path}: `experiment` names {experiment}, which does not exist")
     seeds = data.get("seeds")
     if not isinstance(seeds, list) or not seeds or not all(type(s) is int and s >= 0 for s in seeds):
         raise UserError(f"{path}: `seeds` must be a non-empty list of integers >= 0, got {seeds!r}")
@@ -148,7 +173,7 @@ def load_study(path: str | os.PathLike) -> Study:
                 f"{path}: variant '{variant}' must be a mapping of overrides or a list of variants, "
                 f"got {spec!r}"
             )
-    return Study(name=name, config=config, seeds=seeds, variants=variants, prepare=prepare)
+    return Study(name, config, seeds, variants, prepare, experiment)
 
 
 def resolve_value(key: str, value: Any, steps: int) -> Any:
@@ -286,6 +311,9 @@ def config_mismatch(run: PlannedRun) -> list[str]:
         return []
     saved = config_to_dict(config_from_dict(yaml.safe_load(saved_path.read_text()) or {}, str(saved_path)))
     a, b = _flatten(saved), _flatten(run.config)
+    for flat in (a, b):  # the launcher pins a relative dataset to its absolute path
+        if Path(flat["data.dataset"]).exists():
+            flat["data.dataset"] = str(Path(flat["data.dataset"]).resolve())
     return sorted(k for k in set(a) | set(b) if k not in _IGNORED_KEYS and a.get(k) != b.get(k))
 
 
@@ -356,6 +384,95 @@ def run_local(runs: list[PlannedRun], logs_dir: Path, log=print) -> None:
         log(f"[{i}/{len(todo)}] {r.name}: done in {time.perf_counter() - start:.0f} s")
 
 
+def submit_array(
+    runs: list[PlannedRun], study: Study, cluster: str, out_dir: Path, account: str | None = None, log=print
+) -> list:
+    """Submit the unfinished runs as one Slurm job array through the jobs launcher; returns the jobs.
+
+    Each run directory is written by the launcher (config.yaml, task.json, job.sbatch, env.toml) exactly
+    as for `python -m jobs.submit`; the array task of a run is the launcher's `TrainTask` of it."""
+    import submitit
+
+    from jobs import submit as launcher
+    from jobs.edf import read_edf, render_edf, write_edf
+    from jobs.task import TrainTask
+
+    if study.experiment is None:
+        raise UserError("--cluster needs `experiment:` in the study file (a launcher experiment YAML)")
+    todo = [r for r in runs if not r.done]
+    for r in runs:
+        if r.done:
+            log(f"[skip] {r.name}: finished (summary.json present)")
+    if not todo:
+        return []
+    problem = launcher.slurm_problem()
+    if problem:
+        raise UserError(problem)
+    prepared = [
+        launcher.prepare(
+            str(study.experiment),
+            cluster,
+            r.launcher_overrides(),
+            account=account,
+            run_dir=str(r.run_dir.resolve()),
+        )
+        for r in todo
+    ]
+    for p in prepared:
+        for warning in p.warnings:
+            log(f"warning: {p.plan.run_dir}: {warning}")
+    first = prepared[0]
+    if first.cluster.account_required and not first.plan.account:
+        from jobs.spec import account_error
+
+        raise account_error(first.cluster)
+    for p in prepared:
+        launcher.write_run(p)
+    # One array shares one set of job parameters: the runs differ only in their task command and run
+    # directory. A container environment file that mounts the whole study directory serves them all.
+    params = first.plan.submitit_parameters()
+    params["job_name"] = f"{first.plan.job_name}-{study.name}"
+    if first.edf_source:
+        study_edf = out_dir.resolve() / "env.toml"
+        env = dict(first.plan.env)
+        write_edf(
+            render_edf(read_edf(first.edf_source), str(out_dir.resolve()), first.plan.workdir, env), study_edf
+        )
+        params["srun_args"] = [
+            f"--environment={study_edf}" if a.startswith("--environment=") else a for a in params["srun_args"]
+        ]
+    executor = submitit.SlurmExecutor(
+        folder=str(out_dir.resolve() / "submitit" / "%j"),
+        max_num_timeout=first.plan.max_num_timeout,
+        python=first.plan.python,
+    )
+    executor.update_parameters(**params, array_parallelism=len(prepared))
+    with executor.batch():
+        jobs = [executor.submit(TrainTask(p.plan.run_dir, list(p.plan.command))) for p in prepared]
+    record = [{"run": p.plan.run_dir, "job_id": str(j.job_id)} for p, j in zip(prepared, jobs)]
+    tmp = out_dir / "jobs.json.tmp"
+    tmp.write_text(json.dumps({"cluster": cluster, "jobs": record}, indent=2) + "\n")
+    os.replace(tmp, out_dir / "jobs.json")
+    array_id = str(jobs[0].job_id).split("_")[0]
+    log(f"submitted job array {array_id} ({len(jobs)} runs) on {cluster}; task logs in {out_dir}/submitit/")
+    return jobs
+
+
+def wait_for(jobs: list, log=print) -> None:
+    """Wait for every array task; a failed one is reported, and the study report covers the others."""
+    failed = []
+    for job in jobs:
+        try:
+            job.result()
+        except Exception as exc:  # submitit raises the task's error or UncompletedJobError
+            lines = str(exc).strip().splitlines()
+            failed.append(f"job {job.job_id}: {lines[-1] if lines else type(exc).__name__}")
+    for line in failed:
+        log(f"failed: {line}")
+    if failed and len(failed) == len(jobs):
+        raise RuntimeError(f"every run of the job array failed; first: {failed[0]}")
+
+
 def write_report(out_dir: Path, runs: list[PlannedRun], log=print, generations: bool = True) -> Path:
     from tools import ablation_report
 
@@ -388,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="study directory (default: runs/ablation/<study name>-<steps>steps)")
     p.add_argument("--cluster", help="submit as one Slurm job array on this cluster (local, clariden)")
     p.add_argument("--wait", action="store_true", help="with --cluster: wait for the array, then report")
+    p.add_argument("--account", help="with --cluster: Slurm account (else the cluster profile's)")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     p.add_argument("--report-only", action="store_true", help="only (re)write the report of finished runs")
     p.add_argument("--no-generations", action="store_true", help="report without sample generations")
@@ -414,13 +532,14 @@ def main(argv: list[str] | None = None) -> int:
     check_existing(runs)
     write_plan(runs, out_dir, study)
     if args.cluster:
-        from jobs import ablation_slurm
-
-        jobs = ablation_slurm.submit_array(runs, args.cluster, out_dir)
-        if not args.wait:
-            print(f"report once they finish: python -m jobs.ablation --report-only --out {out_dir} ...")
+        jobs = submit_array(runs, study, args.cluster, out_dir, args.account)
+        if jobs and not args.wait:
+            again = " ".join(argv if argv is not None else sys.argv[1:])
+            print(
+                f"once the array has finished, write the report: python -m jobs.ablation {again} --report-only"
+            )
             return 0
-        ablation_slurm.wait(jobs)
+        wait_for(jobs)
     else:
         prepare_data(study, runs)
         run_local(runs, out_dir / "logs")

@@ -89,6 +89,10 @@ def test_finished_runs_are_skipped_and_foreign_runs_refused(tmp_path):
     (run.run_dir / "config.yaml").write_text(yaml.safe_dump(run.config))
     assert run.done
     ablation.check_existing(runs)  # same config: fine
+    (run.run_dir / "summary.json").write_text('{"exit_reason": "signal"}')  # stopped for a requeue
+    assert not run.done
+    (run.run_dir / "summary.json").write_text('{"exit_reason": "completed"}')
+    assert run.done
     ablation.run_local(runs, tmp_path / "logs", log=lambda msg: None)  # nothing to train
     assert not (tmp_path / "logs" / "baseline-seed0.log").exists()
     other = default_plan(tmp_path, steps=20, variants=["baseline"])
