@@ -107,7 +107,7 @@ def check_edf(
                 raise _fail(path, "image", f"a squashfs image must be an absolute path, got {image!r}")
         elif image and not _IMAGE_RE.match(image):
             raise _fail(path, "image", f"{image!r} is neither a registry reference nor a .sqsh path")
-    elif "base_environment" not in data:
+    elif "base_environment" not in data and not _seen:
         warnings.append(f"{path}: no 'image' and no 'base_environment': jobs run without a container")
     for key in ("entrypoint", "writable"):
         if key in data and not isinstance(data[key], bool):

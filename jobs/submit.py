@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs import edf as edfmod
+from jobs import runs
 from jobs.sbatch import render_sbatch
 from jobs.spec import (
     REPO_DIR,
@@ -57,14 +58,6 @@ class PreparedRun:
     sbatch: str
     warnings: list[str]
     writable: bool  # False when the output root has unresolved $VARS (dry run away from the cluster)
-
-
-def jobs_index_path(environ: Mapping[str, str] | None = None) -> Path:
-    """Where submissions are recorded (newest last): $LMTRAIN_JOBS_INDEX or ~/.cache/lmtrain/jobs.jsonl."""
-    environ = os.environ if environ is None else environ
-    if environ.get("LMTRAIN_JOBS_INDEX"):
-        return Path(environ["LMTRAIN_JOBS_INDEX"])
-    return Path(environ.get("HOME", str(Path.home()))) / ".cache" / "lmtrain" / "jobs.jsonl"
 
 
 def slurm_problem() -> str | None:
@@ -220,10 +213,7 @@ def _record(run: PreparedRun, job_id: str) -> None:
         "submitted": _dt.datetime.now().isoformat(timespec="seconds"),
     }
     _atomic_write(Path(run.plan.run_dir) / "job.json", json.dumps(entry, indent=2) + "\n")
-    index = jobs_index_path()
-    index.parent.mkdir(parents=True, exist_ok=True)
-    with open(index, "a") as f:
-        f.write(json.dumps(entry) + "\n")
+    runs.record(entry)
 
 
 def make_executor(plan: JobPlan):
