@@ -1,0 +1,294 @@
+"""`lmtrain generate`: sample text from a run's latest checkpoint, with a key/value cache.
+
+lmtrain generate --run runs/tiny-cpu --prompt "def main(" --max-new-tokens 200 --temperature 0.8 --top-k 50
+
+`generate()` is also the library entry point. With `use_cache=True` the prompt is run once (prefill)
+and every new token costs one single-token forward pass against the cached keys/values, instead of a
+forward pass over the whole sequence so far. Greedy decoding (temperature 0) gives the same tokens
+either way; `bench/generate.py` measures the speedup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from lmtrain.errors import UserError
+from lmtrain.model import Transformer, TransformerModelArgs, clean_state_dict_keys
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"--temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top-k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
+
+
+def sample_next(
+    logits: torch.Tensor,  # (B, V) logits of the last position
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:  # (B,) int64
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1) smallest kept logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the more likely ones already cover top_p; the most likely always stays.
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_stream(
+    model: Transformer,
+    prompt_ids: torch.Tensor,  # (B, T) int64
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | Sequence[int] | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (next tokens (B,), their logits (B, V)) one step at a time; stops when every row of the
+    batch has produced an end token (rows that finished early keep repeating it)."""
+    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    B, T = prompt_ids.shape
+    context = model.args.seq_len
+    if T == 0:
+        raise UserError("the prompt is empty: give at least one token")
+    if T > context:
+        raise UserError(
+            f"the prompt has {T} tokens, longer than the model's context of {context} (model.seq_len): "
+            "shorten the prompt"
+        )
+    if max_new_tokens == 0:
+        return
+    end_ids = torch.tensor([] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id))
+    end_ids = end_ids.to(device=prompt_ids.device, dtype=torch.long)
+    finished = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+    seq = prompt_ids
+    cache = model.new_kv_cache(B) if use_cache else None
+    if cache is not None:
+        logits = model(seq, cache=cache, start_pos=0)[:, -1]  # prefill: (B, V)
+    else:
+        logits = model(seq)[:, -1]
+    for step in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        nxt = torch.where(finished, end_ids[0] if len(end_ids) else nxt, nxt)
+        yield nxt, logits
+        finished |= torch.isin(nxt, end_ids)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            return
+        seq = torch.cat([seq, nxt[:, None]], dim=1)  # (B, T + step + 1)
+        pos = seq.shape[1] - 1  # position of the token just sampled
+        if cache is not None and pos < context:
+            logits = model(nxt[:, None], cache=cache, start_pos=pos)[:, -1]
+        else:
+            # No cache, or the context is full: the window slides, every position shifts, and the
+            # cached keys (rotated or position-embedded at their old positions) are no longer valid.
+            logits = model(seq[:, -context:])[:, -1]
+
+
+def generate(
+    model: Transformer,
+    prompt_ids: torch.Tensor | Sequence[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | Sequence[int] | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    return_logits: bool = False,
+):
+    """Prompt followed by up to max_new_tokens sampled tokens: (T + n,) for a list or 1-D prompt,
+    (B, T + n) for a batch. temperature 0 is greedy. With return_logits, also the logits that each new
+    token was sampled from: (n, V) or (B, n, V)."""
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
+    batched = ids.dim() == 2
+    ids = ids if batched else ids[None]  # (B, T)
+    was_training = model.training
+    model.eval()
+    try:
+        steps = list(
+            generate_stream(
+                model, ids, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator
+            )
+        )
+    finally:
+        model.train(was_training)
+    new = torch.stack([t for t, _ in steps], dim=1) if steps else ids[:, :0]  # (B, n)
+    out = torch.cat([ids, new], dim=1)
+    logits = torch.stack([lg for _, lg in steps], dim=1) if steps else None  # (B, n, V)
+    if not batched:
+        out = out[0]
+        logits = None if logits is None else logits[0]
+    return (out, logits) if return_logits else out
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a run
+# --------------------------------------------------------------------------------------------------
+
+_CHECKPOINT = re.compile(r"^step-(\d+)\.pt$")
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """RUN_DIR/checkpoints/step-XXXXXXXX.pt with the highest step."""
+    folder = Path(run_dir) / "checkpoints"
+    found = [(int(m.group(1)), p) for p in folder.glob("step-*.pt") if (m := _CHECKPOINT.match(p.name))]
+    if not found:
+        raise UserError(
+            f"no checkpoint in {folder} (expected files named step-XXXXXXXX.pt): pass the directory of a "
+            "run that has saved at least one checkpoint"
+        )
+    return max(found)[1]
+
+
+def load_state_dict_checked(model: Transformer, state_dict: dict, source: str) -> None:
+    """Load a (prefix-free or wrapped) state dict, or raise a UserError naming every key whose presence
+    or shape differs, which is what a checkpoint from another model config looks like."""
+    state_dict = clean_state_dict_keys(state_dict)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+
+        def listed(items: list[str]) -> str:
+            return ", ".join(items[:6]) + (f" (+{len(items) - 6} more)" if len(items) > 6 else "")
+
+        parts = [f"missing keys: {listed(missing)}"] if missing else []
+        parts += [f"unexpected keys: {listed(unexpected)}"] if unexpected else []
+        parts += [f"shape mismatches: {listed(shapes)}"] if shapes else []
+        raise UserError(
+            f"{source} does not match the model config ({'; '.join(parts)}): it was written by a model "
+            "with a different config; use the run's own model_args or the matching checkpoint"
+        )
+    model.load_state_dict(state_dict)
+
+
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, dict]:
+    """The model of a checkpoint file, in fp32 on `device`, and the checkpoint dict."""
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file
+        raise UserError(f"cannot read checkpoint {checkpoint}: {exc}") from exc
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise UserError(
+            f"checkpoint {checkpoint} has no `model` and `model_args` entries: not an lmtrain checkpoint"
+        )
+    try:
+        args = TransformerModelArgs(**ckpt["model_args"])
+    except TypeError as exc:
+        raise UserError(
+            f"checkpoint {checkpoint}: model_args do not fit this version of lmtrain: {exc}"
+        ) from exc
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device=device)
+    model.reset_rope()
+    load_state_dict_checked(model, ckpt["model"], f"checkpoint {checkpoint}")
+    return model.float().eval(), ckpt
+
+
+def load_run_tokenizer(run_dir: str | Path):
+    folder = Path(run_dir) / "tokenizer"
+    if not folder.is_dir():
+        raise UserError(f"no tokenizer in {folder}: a run saves its tokenizer there (save_pretrained layout)")
+    from lmtrain.data.tokenizers import load_tokenizer
+
+    return load_tokenizer(str(folder))
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lmtrain generate", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
+    p.add_argument("--run", required=True, help="run directory (with checkpoints/ and tokenizer/)")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence for every token")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    opts = _parser().parse_args(argv)
+    _check_sampling(opts.max_new_tokens, opts.temperature, opts.top_k, opts.top_p)
+    run_dir = Path(opts.run)
+    if not run_dir.is_dir():
+        raise UserError(f"--run {run_dir}: no such directory")
+    path = latest_checkpoint(run_dir)
+    model, ckpt = load_model(path)
+    tok = load_run_tokenizer(run_dir)
+    # Documents start after a BOS in training (it separates packed documents), so prompts do too.
+    prompt = [tok.bos_token_id] + tok.encode(opts.prompt, add_special_tokens=False)
+    # The packed pipeline marks a document's end with the next document's BOS; stop at either.
+    ends = [i for i in (tok.eos_token_id, tok.bos_token_id) if i is not None]
+    print(f"# {path.name} (step {ckpt.get('step', '?')})", file=sys.stderr)
+    generator = torch.Generator().manual_seed(opts.seed)
+    ids = torch.tensor([prompt])
+    new: list[int] = []
+    shown = ""
+    sys.stdout.write(opts.prompt)
+    for nxt, _ in generate_stream(
+        model,
+        ids,
+        opts.max_new_tokens,
+        opts.temperature,
+        opts.top_k,
+        opts.top_p,
+        ends,
+        not opts.no_cache,
+        generator,
+    ):
+        token = int(nxt[0])
+        if token in ends:
+            break
+        new.append(token)
+        text = tok.decode(new, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue  # an incomplete UTF-8 character: wait for its remaining bytes
+        sys.stdout.write(text[len(shown) :])
+        sys.stdout.flush()
+        shown = text
+    sys.stdout.write(tok.decode(new, skip_special_tokens=True)[len(shown) :] + "\n")
+    return 0

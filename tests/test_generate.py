@@ -1,0 +1,195 @@
+"""Generation: KV cache equals recomputation, sampling controls, reading a run, the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmtrain.errors import UserError
+from lmtrain.generate import generate, latest_checkpoint, load_model, main, sample_next
+from lmtrain.model import Transformer, TransformerModelArgs
+
+
+def make_model(seed: int = 0, **overrides) -> Transformer:
+    kwargs = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, seq_len=48, multiple_of=32)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = Transformer(TransformerModelArgs(**kwargs)).eval()
+    with torch.no_grad():
+        model.output.weight.mul_(30)  # peaked distributions, so greedy choices are far from ties
+    return model
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"pos": "learned", "norm": "layernorm", "mlp": "gelu"}], ids=["llama", "gpt2-style"]
+)
+def test_kv_cache_greedy_equals_recomputation(overrides):
+    model = make_model(**overrides)
+    prompt = torch.randint(0, 61, (2, 7))
+    cached, cached_logits = generate(model, prompt, 30, temperature=0, use_cache=True, return_logits=True)
+    plain, plain_logits = generate(model, prompt, 30, temperature=0, use_cache=False, return_logits=True)
+    assert cached.shape == (2, 37)
+    assert torch.equal(cached[:, :7], prompt)
+    assert torch.equal(cached, plain)
+    torch.testing.assert_close(cached_logits, plain_logits, rtol=1e-4, atol=1e-4)
+    assert len(set(cached[0, 7:].tolist())) > 1  # not a degenerate constant output
+
+
+def test_generation_past_the_context_slides_the_window_identically():
+    model = make_model(seq_len=16)
+    prompt = torch.randint(0, 61, (1, 10))
+    cached = generate(model, prompt, 15, temperature=0, use_cache=True)
+    plain = generate(model, prompt, 15, temperature=0, use_cache=False)
+    assert cached.shape == (1, 25)
+    assert torch.equal(cached, plain)
+
+
+def test_prefill_in_chunks_matches_full_forward():
+    """Chunks after a prefix need the offset causal mask: query t sits at position start_pos + t."""
+    model = make_model()
+    tokens = torch.randint(0, 61, (2, 20))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.new_kv_cache(2)
+        parts = [model(tokens[:, :8], cache=cache), model(tokens[:, 8:15], cache=cache, start_pos=8)]
+        parts += [model(tokens[:, t : t + 1], cache=cache, start_pos=t) for t in range(15, 20)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_cache_holds_kv_heads_not_repeated_heads():
+    model = make_model()
+    cache = model.new_kv_cache(3)
+    assert len(cache) == 2
+    assert cache[0].k.shape == (3, 2, 48, 16)  # (B, n_kv_heads, seq_len, head_dim)
+
+
+def test_prompt_longer_than_context():
+    model = make_model(seq_len=16)
+    with pytest.raises(UserError, match="prompt has 17 tokens, longer than the model's context of 16"):
+        generate(model, list(range(17)), 3)
+
+
+def test_sampling_controls():
+    model = make_model()
+    prompt = [1, 2, 3]
+    greedy = generate(model, prompt, 12, temperature=0)
+    assert greedy.shape == (15,)
+    assert torch.equal(generate(model, prompt, 12, temperature=1.0, top_k=1), greedy)
+    assert torch.equal(generate(model, prompt, 12, temperature=1.0, top_p=1e-6), greedy)
+
+    def sample(seed: int) -> torch.Tensor:
+        return generate(model, prompt, 12, temperature=5.0, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(sample(1), sample(1))
+    assert not torch.equal(sample(1), sample(2))
+
+
+def test_top_k_and_top_p_only_keep_the_likely_tokens():
+    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0, 2.0]])
+    gen = torch.Generator().manual_seed(0)
+    top_k = {int(sample_next(logits, 1.0, top_k=2, generator=gen)) for _ in range(200)}
+    assert top_k == {0, 1}
+    # softmax = [.64, .23, .01, .004, .09]: top_p=0.8 keeps the first two (0.64 < 0.8 <= 0.87).
+    top_p = {int(sample_next(logits, 1.0, top_p=0.8, generator=gen)) for _ in range(200)}
+    assert top_p == {0, 1}
+
+
+def test_eos_stops_generation():
+    model = make_model()
+    prompt = [5, 6, 7]
+    greedy = generate(model, prompt, 10, temperature=0)
+    stop = int(greedy[5])  # the third generated token
+    out = generate(model, prompt, 10, temperature=0, eos_id=stop)
+    first = greedy[3:].tolist().index(stop)
+    assert out.tolist() == greedy[: 3 + first + 1].tolist()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-1.0), "--temperature must be >= 0"),
+        (dict(top_k=0), "--top-k must be >= 1"),
+        (dict(top_p=1.5), r"--top-p must be in \(0, 1\]"),
+    ],
+)
+def test_bad_sampling_arguments(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        generate(make_model(), [1], 3, **kwargs)
+
+
+# ---- runs on disk ----------------------------------------------------------------------------------
+
+
+def build_tokenizer(path: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    text = ["the quick brown fox jumps over the lazy dog", "def main(): return 0", "hello world"] * 20
+    core.train_from_iterator(text, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.save_pretrained(path)
+    return tok
+
+
+def write_run(tmp_path: Path, model: Transformer, step: int, model_args: dict | None = None) -> Path:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()},  # as a compiled model saves
+        "model_args": model_args or model.args.to_dict(),
+        "step": step,
+        "optimizer": {},
+    }
+    torch.save(state, run / "checkpoints" / f"step-{step:08d}.pt")
+    return run
+
+
+def test_cli_streams_greedy_text_from_the_latest_checkpoint(tmp_path, capsys):
+    tok = build_tokenizer(tmp_path / "run" / "tokenizer")
+    old = make_model(seed=1, vocab_size=len(tok))
+    model = make_model(seed=2, vocab_size=len(tok))
+    write_run(tmp_path, old, 5)
+    run = write_run(tmp_path, model, 40)
+    assert latest_checkpoint(run).name == "step-00000040.pt"
+    loaded, ckpt = load_model(latest_checkpoint(run))
+    assert ckpt["step"] == 40
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+
+    prompt = "hello world"
+    assert main(["--run", str(run), "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    out = capsys.readouterr()
+    assert "step-00000040.pt" in out.err
+    ids = [tok.bos_token_id] + tok.encode(prompt, add_special_tokens=False)
+    expected = generate(model, ids, 12, temperature=0, eos_id=[tok.eos_token_id, tok.bos_token_id])
+    new = [t for t in expected[len(ids) :].tolist() if t not in (tok.eos_token_id, tok.bos_token_id)]
+    assert out.out == prompt + tok.decode(new, skip_special_tokens=True) + "\n"
+
+
+def test_checkpoint_from_a_different_config_names_the_differences(tmp_path):
+    model = make_model()
+    other_args = dict(model.args.to_dict(), n_layers=3, dim=32)
+    run = write_run(tmp_path, model, 1, model_args=other_args)
+    with pytest.raises(UserError) as err:
+        load_model(latest_checkpoint(run))
+    message = str(err.value)
+    assert "missing keys: layers.2.attention_norm.weight" in message
+    assert "tok_embeddings.weight: checkpoint (61, 64) vs model (61, 32)" in message
+
+
+def test_run_without_checkpoints(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(UserError, match="no checkpoint in .*step-XXXXXXXX.pt"):
+        latest_checkpoint(tmp_path)
+    with pytest.raises(UserError, match="no such directory"):
+        main(["--run", str(tmp_path / "absent")])
