@@ -1,0 +1,95 @@
+"""Hugging Face export: the converted LlamaForCausalLM gives the same logits as the lmtrain model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmtrain.errors import UserError
+from lmtrain.export_hf import interleaved_to_half_split, main, to_hf_model, to_hf_state_dict
+from lmtrain.model import Transformer, TransformerModelArgs
+from tests.test_generate import build_tokenizer, write_run
+
+
+def random_llama(vocab_size: int = 83, **overrides) -> Transformer:
+    kwargs = dict(
+        dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=vocab_size, seq_len=64, multiple_of=32
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    model = Transformer(TransformerModelArgs(**kwargs, rope_theta=10000.0, norm_eps=1e-6)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)  # non-trivial norm weights, so a misplaced norm shows in the logits
+            else:
+                p.mul_(5)  # larger weights: attention patterns far from uniform, so RoPE errors show
+    return model
+
+
+def test_permutation_moves_pairs_to_halves():
+    w = torch.arange(8.0)[:, None].repeat(1, 3)  # 2 heads x head_dim 4, rows labelled by index
+    assert interleaved_to_half_split(w, n_heads=2)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+def test_hf_logits_equal_lmtrain_logits():
+    from transformers import LlamaForCausalLM
+
+    model = random_llama()
+    hf = to_hf_model(model)
+    assert isinstance(hf, LlamaForCausalLM)
+    assert hf.config.num_key_value_heads == 2 and hf.config.intermediate_size == model.args.ffn_hidden_dim
+    tokens = torch.randint(0, 83, (2, 40))
+    with torch.no_grad():
+        ours = model(tokens)
+        theirs = hf(tokens).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    assert ours.std() > 1  # logits are far from zero, so the comparison is meaningful
+
+
+def test_without_the_permutation_logits_differ():
+    """The RoPE permutation is necessary: a plain rename gives other logits."""
+    from transformers import LlamaForCausalLM
+
+    model = random_llama()
+    hf = to_hf_model(model)
+    sd = to_hf_state_dict(model.state_dict(), model.args)
+    for i in range(model.args.n_layers):
+        sd[f"model.layers.{i}.self_attn.q_proj.weight"] = model.layers[i].attention.wq.weight.detach()
+        sd[f"model.layers.{i}.self_attn.k_proj.weight"] = model.layers[i].attention.wk.weight.detach()
+    wrong = LlamaForCausalLM(hf.config).eval()
+    wrong.load_state_dict(sd)
+    tokens = torch.randint(0, 83, (1, 40))
+    with torch.no_grad():
+        assert (model(tokens) - wrong(tokens).logits).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("switch", [{"norm": "layernorm"}, {"mlp": "gelu"}, {"pos": "learned"}])
+def test_ablation_switches_do_not_export(switch):
+    model = random_llama(**switch)
+    name, value = next(iter(switch.items()))
+    with pytest.raises(UserError, match=f"model.{name}={value} cannot be exported as LlamaForCausalLM"):
+        to_hf_model(model)
+
+
+def test_cli_exports_a_run_that_transformers_loads(tmp_path):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = build_tokenizer(tmp_path / "run" / "tokenizer")
+    model = random_llama(vocab_size=len(tok))
+    run = write_run(tmp_path, model, 7)
+    out = tmp_path / "hf"
+    assert main(["--run", str(run), "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    hf = LlamaForCausalLM.from_pretrained(out).eval()
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    ids = hf_tok("hello world", return_tensors="pt").input_ids
+    assert ids.tolist()[0] == tok("hello world").input_ids
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() < 1e-4
+    assert hf.config.bos_token_id == tok.bos_token_id
+
+    with pytest.raises(UserError, match="exists and is not empty"):
+        main(["--run", str(run), "--out", str(out)])
+    assert main(["--run", str(run), "--out", str(out), "--force"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]  # no temporary leftovers
