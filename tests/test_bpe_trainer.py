@@ -127,7 +127,11 @@ def test_parallel_chunks_count_like_one_pass(tmp_path, monkeypatch, specials):
     monkeypatch.setattr(trainer_mod, "_PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(trainer_mod, "_MIN_CHUNK_BYTES", 300)
     monkeypatch.setattr(trainer_mod, "_SCAN_BYTES", 64)
-    docs = [f"def f{i}(x):\n    return x  +  {i}\n\n\n  # naïve {i}\n" * (i % 4 + 1) for i in range(80)]
+    # Whitespace runs before a line start ("\n\n\nd", " \nd", "\t\nx") must not become chunk boundaries.
+    docs = [
+        f"def f{i}(x):\n    return x  +  {i}\n\n\ndef g(): \nx=1\t\nx\n  # naïve {i}\n" * (i % 4 + 1)
+        for i in range(80)
+    ]
     sep = specials[0] if specials else ""
     text = sep.join(docs)
     if specials:

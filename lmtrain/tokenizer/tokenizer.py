@@ -31,13 +31,45 @@ _CACHE_MAX = 1 << 18
 # encode_iterable encodes once this many characters are buffered.
 _STREAM_BUFFER = 1 << 16
 
-# A cut between characters x|y never splits a GPT-2 pre-token when no alternative of the pattern can
-# hold both: a letter run ends before a non-letter, a number run before a non-digit, punctuation
-# before whitespace or a digit (not before a letter: "'s" is a pre-token), whitespace other than the
-# space before a non-space (only " " attaches to the following word).
-_SAFE_CUT = regex.compile(
-    r"(?:\p{L}(?=[^\p{L}])|\p{N}(?=[^\p{N}])|[^\s\p{L}\p{N}](?=[\s\p{N}])|[^\S ](?=\S))",
-)
+_LETTER = regex.compile(r"\p{L}")
+_NUMBER = regex.compile(r"\p{N}")
+_SPACE = regex.compile(r"\s")
+
+
+def _char_class(ch: str) -> str:
+    """L letter, N number, S the space character, W other whitespace, P anything else."""
+    if _LETTER.match(ch):
+        return "L"
+    if _NUMBER.match(ch):
+        return "N"
+    if ch == " ":
+        return "S"
+    if _SPACE.match(ch):
+        return "W"
+    return "P"
+
+
+def _is_safe_cut(buf: str, p: int) -> bool:
+    r"""Whether GPT-2 pre-tokens of buf[:p] and of the text from p on are those of the whole text,
+    whatever follows: no alternative of the pattern can hold both buf[p-1] and buf[p], and the token
+    ending at p-1 does not depend on what follows it.
+
+    A letter run ends before a non-letter and a number run before a non-digit; punctuation ends before
+    a digit or whitespace (not before a letter: "'s" is one pre-token); a whitespace character other
+    than the space ends before a non-space only when it stands alone (a longer run gives its last
+    character to the next pre-token, `\s+(?!\S)`, but stays whole at the end of a text). The space
+    itself never ends a pre-token before a non-space (" word").
+    """
+    x, y = _char_class(buf[p - 1]), _char_class(buf[p])
+    if x == "L":
+        return y != "L"
+    if x == "N":
+        return y != "N"
+    if x == "P":
+        return y in ("N", "S", "W")
+    if x == "W":
+        return y in ("L", "N", "P") and (p < 2 or _char_class(buf[p - 2]) not in ("S", "W"))
+    return False
 
 
 def _atomic_write(path: Path, data: str) -> None:
@@ -168,7 +200,7 @@ class Tokenizer:
 
         A special token starting in the last (longest special - 1) characters could still grow into a
         longer one, so cuts stay before that zone; inside it, ends of special tokens and pre-token
-        boundaries that no continuation can change (see _SAFE_CUT) qualify. 0 when there is none.
+        boundaries that no continuation can change (see _is_safe_cut) qualify. 0 when there is none.
         """
         limit = len(buf) - (self._max_special - 1)
         if limit <= 0:
@@ -183,7 +215,7 @@ class Tokenizer:
         lo = best
         p = limit
         while p > lo:
-            if _SAFE_CUT.match(buf, p - 1, p + 1) is not None and not any(s < p < e for s, e in spans):
+            if _is_safe_cut(buf, p) and not any(s < p < e for s, e in spans):
                 return p
             p -= 1
         return best

@@ -6,7 +6,7 @@ pair; ties go to the lexicographically greatest pair of byte strings, so a run i
 
 Two phases:
 1. Pre-tokenisation: the file is cut into chunks whose boundaries fall on a special token (or, without
-   special tokens, right after a newline followed by a visible ASCII character, a point where the GPT-2
+   special tokens, right after a newline between two visible ASCII characters, a point where the GPT-2
    pattern always separates pre-tokens). Worker processes read their own chunk, split it on the special
    tokens and count pre-tokens; only the counters travel back, so memory follows the number of distinct
    pre-tokens, not the file size.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import heapq
 import multiprocessing
 import os
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -55,6 +56,12 @@ def validate_special_tokens(special_tokens, where: str = "special_tokens") -> li
     return tokens
 
 
+# A lone newline between two visible ASCII characters: the newline is a pre-token of its own whatever
+# follows, and nothing after it joins it. (After a longer whitespace run, `\s+(?!\S)` would keep the
+# run whole at the end of a chunk but split off its last character in the full text.)
+_NEWLINE_CUT = re.compile(rb"[\x21-\x7e]\n[\x21-\x7e]")
+
+
 def _boundary_patterns(special_tokens: list[str]) -> list[bytes]:
     return [s.encode("utf-8") for s in special_tokens]
 
@@ -63,10 +70,9 @@ def _find_boundary(fh, start: int, file_size: int, special_bytes: list[bytes]) -
     """The first safe chunk boundary at or after `start` (file_size if none).
 
     With special tokens: the start of a special token occurrence (splitting there changes nothing, the
-    text is cut there anyway). Without: the position after b"\\n" when the next byte is visible ASCII;
-    a newline is never part of a pre-token that also holds the following non-space character.
+    text is cut there anyway). Without: the position after a lone b"\\n" between visible ASCII bytes.
     """
-    overlap = max((len(s) for s in special_bytes), default=2)
+    overlap = max((len(s) for s in special_bytes), default=3)
     pos = start
     while pos < file_size:
         fh.seek(pos)
@@ -80,15 +86,9 @@ def _find_boundary(fh, start: int, file_size: int, special_bytes: list[bytes]) -
                 if i != -1 and (best == -1 or i < best):
                     best = i
         else:
-            i = 0
-            while True:
-                i = window.find(b"\n", i)
-                if i == -1 or i + 1 >= len(window):
-                    break
-                if 0x21 <= window[i + 1] <= 0x7E:
-                    best = i + 1
-                    break
-                i += 1
+            m = _NEWLINE_CUT.search(window)
+            if m is not None:
+                best = m.start() + 2
         if best != -1 and best < _SCAN_BYTES + 1:
             return pos + best
         pos += _SCAN_BYTES
