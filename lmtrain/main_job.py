@@ -1,0 +1,117 @@
+"""The main job: build the embedded corpus, train the tiny preset on CPU, evaluate, sample.
+
+    python -m lmtrain.main_job --training.steps 50
+
+(`make train ARGS="--training.steps 50"` runs the same.) Extra arguments are training flags on top of
+`lmtrain/configs/tiny-cpu.yaml`. The corpus (`data/stdlib`, Python standard library sources with a
+byte-level BPE of 8192 tokens) is built once and reused while its `prepare.json` matches. The run leaves
+`runs/tiny-cpu-<timestamp>/` with config.yaml, metrics.jsonl, train.log, tokenizer/, checkpoints/,
+loss.png and summary.json, and prints the final losses next to the unigram entropy of the training
+tokens (the loss of the best model that ignores context) and a generated sample.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from lmtrain.errors import UserError
+
+CONFIG = Path(__file__).resolve().parent / "configs" / "tiny-cpu.yaml"
+CORPUS_ARGS = ["--source", "stdlib", "--tokenizer", "bpe:8192", "--pretokenize"]
+PROMPT = "def "
+
+
+def prepare_corpus(out: str) -> None:
+    """`lmtrain prepare` into `out`; it returns at once when `out/prepare.json` matches these arguments."""
+    from lmtrain.data.prepare import main as prepare
+
+    code = prepare([*CORPUS_ARGS, "--out", out])
+    if code:
+        raise UserError(f"building the corpus in {out} failed (exit code {code}); see the messages above")
+
+
+def unigram_entropy(dataset: str, tokenizer) -> tuple[float, int]:
+    """Entropy in nats per token of the training split's token frequencies, and the token count."""
+    from lmtrain.data import open_split
+
+    source = open_split(dataset, "train", tokenizer)
+    counts = np.zeros(len(tokenizer), dtype=np.int64)
+    chunk = 256
+    for start in range(0, len(source), chunk):
+        for doc in source.documents(range(start, min(start + chunk, len(source)))):
+            counts += np.bincount(np.asarray(doc, dtype=np.int64), minlength=len(counts))[: len(counts)]
+    total = int(counts.sum())
+    p = counts[counts > 0] / total
+    return float(-(p * np.log(p)).sum()), total
+
+
+def sample(run_dir: Path, prompt: str = PROMPT, max_new_tokens: int = 80, seed: int = 0) -> str:
+    """Top-k sample from the run's newest checkpoint."""
+    import torch
+
+    from lmtrain.checkpoint import load_for_inference
+    from lmtrain.data import load_tokenizer
+    from lmtrain.generate import generate
+    from lmtrain.model import Transformer, TransformerModelArgs
+
+    args, state = load_for_inference(run_dir)
+    model = Transformer(TransformerModelArgs(**args))
+    model.load_state_dict(state)
+    model.float().eval()
+    tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
+    ids = [tokenizer.bos_token_id, *tokenizer.encode(prompt, add_special_tokens=False)]
+    gen = torch.Generator().manual_seed(seed)
+    out = generate(model, ids, max_new_tokens, temperature=0.8, top_k=40, generator=gen)
+    return tokenizer.decode(out[1:].tolist(), skip_special_tokens=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lmtrain.config import parse_args
+    from lmtrain.data import resolve_tokenizer
+    from lmtrain.train import exit_code, train
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg, _ = parse_args(["--config", str(CONFIG), *argv], prog="python -m lmtrain.main_job")
+    if cfg.data.dataset == "data/stdlib" and not cfg.data.tokenizer:
+        prepare_corpus(cfg.data.dataset)
+    tokenizer = resolve_tokenizer(cfg.data)
+    entropy, n_tokens = unigram_entropy(cfg.data.dataset, tokenizer)
+    print(f"training corpus: {n_tokens:,} tokens, unigram entropy {entropy:.3f} nats/token", flush=True)
+
+    summary = train(cfg)
+    run_dir = Path(summary["run_dir"])
+    summary["unigram_entropy"] = entropy
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, run_dir / "summary.json")
+
+    def fmt(x):
+        return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f}"
+
+    print()
+    print(f"run directory        {run_dir}")
+    print(f"steps                {summary['steps']} ({summary['exit_reason']})")
+    print(f"unigram entropy      {entropy:.3f} nats/token (a model that ignores context)")
+    print(
+        f"initial train loss   {fmt(summary['initial_train_loss'])} (uniform: {math.log(len(tokenizer)):.3f})"
+    )
+    print(f"final train loss     {fmt(summary['final_train_loss'])}")
+    print(f"final val loss       {fmt(summary['final_val_loss'])}")
+    print(f"throughput           {summary['tokens_per_s']:.0f} tokens/s, MFU {100 * summary['mfu']:.1f}% "
+          f"of {summary['peak_source']} {summary['peak_tflops']:.3g} TFLOP/s")  # fmt: skip
+    print(f"wall time            {summary['wall_time_s']:.0f} s")
+    if summary["exit_reason"] == "completed":
+        print(f"\nsample (top-k 40, T=0.8) after {PROMPT!r}:\n{sample(run_dir)}")
+    return exit_code(summary)
+
+
+if __name__ == "__main__":
+    from lmtrain.cli import run_user_facing
+
+    raise SystemExit(run_user_facing(main, sys.argv[1:]))
