@@ -282,42 +282,56 @@ def merge_pretokens(
 
 
 def _apply_merge(a, b, new, words, counts, pair_counts, where) -> set[tuple[int, int]]:
-    """Rewrite every word holding (a, b); update pair counts by the difference. Returns changed pairs."""
+    """Rewrite every word holding (a, b) and adjust only the pairs around each occurrence.
+
+    For an occurrence x a b y: (x, a) and (b, y) lose the word's count, (x, new) and (new, y) gain it.
+    Back-to-back occurrences (a b a b) share the middle pair: it is handled once, as the left pair of
+    the second occurrence, which gains (new, new). Returns the pairs whose count changed.
+    """
     changed: set[tuple[int, int]] = set()
     affected = where.pop((a, b), ())
     pair_counts.pop((a, b), None)
+    merged = (a, b)
+    get = pair_counts.get
     for wi in affected:
         word = words[wi]
+        if a not in word:
+            continue  # the index may hold words that lost this pair in an earlier merge
         n = len(word)
+        c = counts[wi]
         out: list[int] = []
         i = 0
+        touched = False
         while i < n:
-            if i + 1 < n and word[i] == a and word[i + 1] == b:
+            if word[i] == a and i + 1 < n and word[i + 1] == b:
+                touched = True
+                if out:
+                    old = (word[i - 1], a)
+                    if old != merged:
+                        pair_counts[old] = get(old, 0) - c
+                        changed.add(old)
+                    fresh = (out[-1], new)
+                    pair_counts[fresh] = get(fresh, 0) + c
+                    changed.add(fresh)
+                    where.setdefault(fresh, set()).add(wi)
+                if i + 2 < n:
+                    right = word[i + 2]
+                    if not (right == a and i + 3 < n and word[i + 3] == b):
+                        old = (b, right)
+                        if old != merged:
+                            pair_counts[old] = get(old, 0) - c
+                            changed.add(old)
+                        fresh = (new, right)
+                        pair_counts[fresh] = get(fresh, 0) + c
+                        changed.add(fresh)
+                        where.setdefault(fresh, set()).add(wi)
                 out.append(new)
                 i += 2
             else:
                 out.append(word[i])
                 i += 1
-        if len(out) == n:
-            continue  # the index may hold words that lost this pair in an earlier merge
-        c = counts[wi]
-        delta: dict[tuple[int, int], int] = {}
-        for pair in zip(word, word[1:]):
-            delta[pair] = delta.get(pair, 0) - c
-        for pair in zip(out, out[1:]):
-            delta[pair] = delta.get(pair, 0) + c
-        for pair, d in delta.items():
-            if d == 0 or pair == (a, b):
-                continue
-            pair_counts[pair] = pair_counts.get(pair, 0) + d
-            changed.add(pair)
-            if d > 0:
-                s = where.get(pair)
-                if s is None:
-                    where[pair] = {wi}
-                else:
-                    s.add(wi)
-        words[wi] = out
+        if touched:
+            words[wi] = out
     return changed
 
 
