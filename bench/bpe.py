@@ -1,0 +1,175 @@
+"""Byte-level BPE: lmtrain's trainer and tokenizer against Hugging Face `tokenizers`, in one run.
+
+    lmtrain bench bpe --max-mb 8
+
+Corpus: every .py file of this Python's standard library (site-packages excluded), sorted by path,
+joined with <|endoftext|> into a temporary file (`--max-mb` keeps the first N MB). Both trainers learn a
+vocabulary of 8192 from that file (Hugging Face: BpeTrainer, ByteLevel pre-tokenizer with the GPT-2
+regex, the 256-byte initial alphabet, reading the file itself). Encoding throughput is measured with
+the tokenizer lmtrain trained, loaded into both libraries from its tokenizer.json, on the first
+`--encode-mb` MB of documents (ours: one process; Hugging Face: `encode_batch`, all cores).
+
+The acceptance check trains a vocabulary of 500 on 130 KB of English prose: the licence texts Debian
+ships in /usr/share/common-licenses (GPL, LGPL, GFDL, Apache, MPL, Artistic, ...), concatenated in
+name order, or the stdlib's comments and docstrings where that folder is missing. The last line is the
+ratio of training times (target: <= 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+EOT = "<|endoftext|>"
+ENGLISH_BYTES = 130_000
+LICENSES = Path("/usr/share/common-licenses")
+
+
+def stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
+
+
+def write_stdlib_corpus(path: Path, max_bytes: int | None) -> tuple[int, int]:
+    """Join stdlib sources with EOT into `path`; returns (files, bytes)."""
+    n_files = written = 0
+    with open(path, "w", encoding="utf-8") as out:
+        for f in stdlib_files():
+            try:
+                text = f.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue  # a few test fixtures are deliberately not UTF-8
+            piece = (EOT if n_files else "") + text
+            size = len(piece.encode("utf-8"))
+            if max_bytes is not None and written + size > max_bytes:
+                break
+            out.write(piece)
+            written += size
+            n_files += 1
+    return n_files, written
+
+
+def english_text() -> tuple[str, str]:
+    """About 130 KB of real English prose and where it came from."""
+    if LICENSES.is_dir():
+        parts = []
+        for p in sorted(LICENSES.iterdir()):
+            if p.is_file() and not p.is_symlink():
+                parts.append(p.read_text(encoding="utf-8", errors="replace"))
+        text = "\n\n".join(parts)
+        if len(text.encode()) >= ENGLISH_BYTES:
+            raw = text.encode("utf-8")[:ENGLISH_BYTES]
+            return raw.decode(
+                "utf-8", errors="ignore"
+            ), f"{LICENSES} (licence texts, first {ENGLISH_BYTES} bytes)"
+    # Fallback: comments and docstrings of the standard library.
+    import io
+    import tokenize
+
+    chunks, size = [], 0
+    for f in stdlib_files():
+        try:
+            for tok in tokenize.generate_tokens(io.StringIO(f.read_text(encoding="utf-8")).readline):
+                if tok.type == tokenize.COMMENT or (
+                    tok.type == tokenize.STRING and tok.string.startswith('"""')
+                ):
+                    chunks.append(tok.string.strip("#\"' "))
+                    size += len(chunks[-1].encode())
+        except (SyntaxError, UnicodeDecodeError, tokenize.TokenError, OSError):
+            continue
+        if size >= ENGLISH_BYTES:
+            break
+    raw = "\n".join(chunks).encode("utf-8")[:ENGLISH_BYTES]
+    return raw.decode("utf-8", errors="ignore"), "stdlib comments and docstrings"
+
+
+def hf_train(path: Path, vocab_size: int, specials: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train([str(path)], trainer)
+    return tok
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tokenizers
+
+    from lmtrain.errors import UserError
+    from lmtrain.tokenizer import Tokenizer, train_bpe
+
+    p = argparse.ArgumentParser(prog="lmtrain bench bpe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--max-mb", type=float, default=None, help="use only the first N MB of the stdlib corpus")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--encode-mb", type=float, default=4.0, help="MB of documents to time encoding on")
+    p.add_argument("--workers", type=int, default=None, help="lmtrain pre-tokenisation processes")
+    args = p.parse_args(argv)
+    if args.max_mb is not None and args.max_mb <= 0:
+        raise UserError(f"--max-mb {args.max_mb}: expected a positive size in MB")
+
+    cores = os.cpu_count()
+    with tempfile.TemporaryDirectory(prefix="lmtrain-bench-bpe-") as tmp:
+        tmp = Path(tmp)
+        corpus = tmp / "stdlib.txt"
+        max_bytes = None if args.max_mb is None else int(args.max_mb * 1e6)
+        n_files, n_bytes = write_stdlib_corpus(corpus, max_bytes)
+        print(
+            f"corpus: {n_files} stdlib .py files, {n_bytes / 1e6:.1f} MB, vocab {args.vocab_size}, {cores} cores"
+        )
+
+        # Ours first: its worker processes are forked before Hugging Face starts its thread pool.
+        (vocab, merges), t_ours = timed(train_bpe, corpus, args.vocab_size, [EOT], num_workers=args.workers)
+        hf_tok, t_hf = timed(hf_train, corpus, args.vocab_size, [EOT])
+        print(f"train  lmtrain: {t_ours:7.2f} s   ({n_bytes / 1e6 / t_ours:.2f} MB/s)")
+        print(f"train  hf:      {t_hf:7.2f} s   ({n_bytes / 1e6 / t_hf:.2f} MB/s)")
+        hf_merges = hf_tok.get_vocab_size()
+        print(f"       vocab sizes: lmtrain {len(vocab)}, hf {hf_merges}")
+
+        ours = Tokenizer(vocab, merges, [EOT])
+        ours.save(tmp / "tokenizer.json")
+        hf_same = tokenizers.Tokenizer.from_file(str(tmp / "tokenizer.json"))
+        docs, size = [], 0
+        for doc in corpus.read_text(encoding="utf-8").split(EOT):
+            docs.append(doc)
+            size += len(doc.encode("utf-8"))
+            if size >= args.encode_mb * 1e6:
+                break
+        ids_ours, te_ours = timed(lambda: [ours.encode(d) for d in docs])
+        enc_hf, te_hf = timed(hf_same.encode_batch, docs, add_special_tokens=False)
+        same = ids_ours == [e.ids for e in enc_hf]
+        print(
+            f"encode lmtrain: {size / 1e6 / te_ours:7.2f} MB/s (1 process)   hf: {size / 1e6 / te_hf:7.2f} MB/s "
+            f"(encode_batch)   on {size / 1e6:.1f} MB; identical ids: {'yes' if same else 'NO'}"
+        )
+
+        text, source = english_text()
+        english = tmp / "english.txt"
+        english.write_text(text, encoding="utf-8")
+        _, t_en = timed(train_bpe, english, 500, [EOT])
+        _, t_en_hf = timed(hf_train, english, 500, [EOT])
+        verdict = "PASS" if t_en < 1.5 else "FAIL"
+        print(f"english: {len(text.encode()) / 1000:.0f} KB from {source}")
+        print(f"english vocab 500: lmtrain {t_en:.2f} s (target < 1.5 s: {verdict}), hf {t_en_hf:.2f} s")
+    print(f"lmtrain/hf bpe train time ratio: {t_ours / t_hf:.2f}")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
