@@ -473,13 +473,15 @@ def wait_for(jobs: list, log=print) -> None:
         raise RuntimeError(f"every run of the job array failed; first: {failed[0]}")
 
 
-def write_report(out_dir: Path, runs: list[PlannedRun], log=print, generations: bool = True) -> Path:
+def write_report(
+    out_dir: Path, runs: list[PlannedRun], log=print, generations: bool = True, max_new_tokens: int = 40
+) -> Path:
     from tools import ablation_report
 
     finished = [r.run_dir for r in runs if r.done]
     if not finished:
         raise UserError(f"no finished run in {out_dir} to report on")
-    args = [str(p) for p in finished] + ["--out", str(out_dir)]
+    args = [str(p) for p in finished] + ["--out", str(out_dir), "--max-new-tokens", str(max_new_tokens)]
     if not generations:
         args.append("--no-generations")
     ablation_report.main(args)
@@ -509,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     p.add_argument("--report-only", action="store_true", help="only (re)write the report of finished runs")
     p.add_argument("--no-generations", action="store_true", help="report without sample generations")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens per generation in the report")
     return p
 
 
@@ -527,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# {r.name} ({state})\n{' '.join(r.command('python'))}")
         return 0
     if args.report_only:
-        write_report(out_dir, runs, generations=not args.no_generations)
+        write_report(out_dir, runs, generations=not args.no_generations, max_new_tokens=args.max_new_tokens)
         return 0
     check_existing(runs)
     write_plan(runs, out_dir, study)
@@ -543,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         prepare_data(study, runs)
         run_local(runs, out_dir / "logs")
-    write_report(out_dir, runs, generations=not args.no_generations)
+    write_report(out_dir, runs, generations=not args.no_generations, max_new_tokens=args.max_new_tokens)
     return 0
 
 

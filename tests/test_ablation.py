@@ -50,7 +50,7 @@ def test_default_study_is_seven_runs_each_one_switch_from_the_baseline(tmp_path)
     for run in runs:
         cfg = flat(run.config)
         assert cfg["training.steps"] == 200 and cfg["training.seed"] == 0
-        assert cfg["model.preset"] == "ablation-small" and cfg["data.dataset"] == "data/stdlib"
+        assert cfg["model.preset"] == "ablation-small" and cfg["data.dataset"] == "data/stdlib-bytes"
         assert run.run_dir == tmp_path / "study" / f"{run.variant}-seed0"
 
 

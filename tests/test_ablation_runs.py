@@ -48,7 +48,7 @@ def report_rows(path):
 def test_local_study_trains_reports_and_resumes(tmp_path, corpus):
     out = tmp_path / "study"
     argv = ["--steps", "4", "--variants", "baseline,all", "--out", str(out), f"--data.dataset={corpus}"]
-    assert ablation.main([*argv, *TINY, "--no-generations"]) == 0
+    assert ablation.main([*argv, *TINY, "--max-new-tokens=8"]) == 0
     for name in ("baseline-seed0", "all-seed0"):
         summary = json.loads((out / name / "summary.json").read_text())
         assert summary["exit_reason"] == "completed" and summary["steps"] == 4
@@ -56,6 +56,9 @@ def test_local_study_trains_reports_and_resumes(tmp_path, corpus):
     assert (out / "nll.png").stat().st_size > 5000
     text = (out / "report.md").read_text()
     assert "model.mlp=swiglu, model.norm=rmsnorm" in text and "spread is unmeasured" in text
+    # generations from each variant's checkpoint: greedy and sampled for each of the same prompts
+    generations = text.split("## Generations")[1]
+    assert generations.count("greedy, prompt 'def '") == 2 and generations.count("sampled, prompt") == 6
     # The same command again redoes nothing: every run is finished.
     before = {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
     logs = []

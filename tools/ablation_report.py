@@ -347,28 +347,31 @@ def generate_samples(run: Run, prompts: list[str], max_new_tokens: int, seed: in
     """Greedy and sampled continuations of each prompt from the run's newest checkpoint."""
     import torch
 
-    from lmtrain.checkpoint import load_for_inference
-    from lmtrain.data.tokenizers import load_tokenizer
-    from lmtrain.generate import generate
-    from lmtrain.model import Transformer, TransformerModelArgs
+    from lmtrain.generate import generate, latest_checkpoint, load_model, load_run_tokenizer
 
-    args, state = load_for_inference(run.path)
-    model = Transformer(TransformerModelArgs(**args))
-    model.load_state_dict(state)
-    model.float().eval()
-    tokenizer = load_tokenizer(str(run.path / "tokenizer"))
+    model, _ = load_model(latest_checkpoint(run.path))
+    tokenizer = load_run_tokenizer(run.path)
     out = []
     for prompt in prompts:
         ids = tokenizer.encode(prompt, add_special_tokens=False)
         if tokenizer.bos_token_id is not None:
-            ids = [tokenizer.bos_token_id, *ids]
+            ids = [tokenizer.bos_token_id, *ids]  # documents start after a BOS separator in training
+        room = model.args.seq_len - len(ids)  # the model never saw positions beyond its context
         for mode, kwargs in (
-            ("greedy", dict(temperature=0.0, top_k=None, top_p=None)),
+            ("greedy", dict(temperature=0.0)),
             ("sampled", dict(temperature=0.8, top_k=40, top_p=0.95)),
         ):
-            torch.manual_seed(seed)  # the same random stream for every run
-            new = generate(model, ids, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id, **kwargs)
-            new = list(new)[len(ids) :] if len(new) > len(ids) and list(new)[: len(ids)] == ids else list(new)
+            generator = torch.Generator().manual_seed(seed)  # the same random stream for every run
+            with torch.no_grad():
+                seq = generate(
+                    model,
+                    ids,
+                    max_new_tokens=max(0, min(max_new_tokens, room)),
+                    eos_id=tokenizer.eos_token_id,
+                    generator=generator,
+                    **kwargs,
+                )
+            new = seq.tolist()[len(ids) :]
             out.append(
                 {"prompt": prompt, "mode": mode, "text": tokenizer.decode(new, skip_special_tokens=True)}
             )
