@@ -36,7 +36,7 @@ def test_batch_contract(tmp_path, pipeline, masking):
     make_corpus(tmp_path)
     cfg = cfg_for(tmp_path, pipeline=pipeline, document_masking=masking)
     batch = next(iter(build_dataloader(cfg, TOK, "train", seed=0)))
-    expected = {"input_ids", "labels"} | ({"doc_ids"} if masking and pipeline == "packed" else set())
+    expected = {"input_ids", "labels"} | ({"doc_ids"} if masking else set())
     assert set(batch) == expected
     for key in expected:
         assert batch[key].dtype == torch.long and batch[key].shape == (2, 16)
@@ -138,3 +138,20 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(UserError, match="unknown file type"):
         build_dataloader(cfg_for(tmp_path / "x.txt"), TOK, "train", seed=0)
+
+
+def test_course_parquet_dataset_and_collator(tmp_path):
+    from lmtrain.data import CollatorForCLM, ParquetDataset
+
+    make_corpus(tmp_path)
+    ds = ParquetDataset(str(tmp_path / "train.parquet"), TOK, sequence_length=32, training_samples=100)
+    assert len(ds) == 100 and torch.equal(ds[40]["input_ids"], ds[0]["input_ids"])  # repeats the file
+    item = ds[1]
+    text = "doc 1: aa"  # make_corpus: "abcdefg"[: i % 7] * (1 + i % 9)
+    assert item["input_ids"].shape == (33,) and item["length"] == 1 + len(text)
+    batch = CollatorForCLM(32, TOK.pad_token_id)([ds[0], item])
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, 32)
+    n = len(text)
+    assert batch["labels"][1, :n].tolist() == list(text.encode())
+    assert (batch["labels"][1, n:] == -100).all()
+    assert TOK.decode(batch["input_ids"][1, : n + 1].tolist()) == "<s>" + text

@@ -137,6 +137,7 @@ def test_large_vocabulary_uses_uint32(tmp_path):
     assert meta["dtype"] == "uint32" and [d.tolist() for d in tf.documents([0, 1])] == [[70000, 1], [5]]
 
 
+@pytest.mark.slow
 def test_stdlib_source_is_sorted_and_excludes_site_packages(tmp_path):
     files = stdlib_files()
     assert len(files) > 500
@@ -178,6 +179,12 @@ def test_stdlib_source_is_sorted_and_excludes_site_packages(tmp_path):
             ["--source", "{p}/e.txt", "--val-fraction", "1.5"],
             "val-fraction",
         ),
+        # Fails after the parquet files are written (tokenizer step): the temp directory must go too.
+        (
+            lambda p: (p / "e.txt").write_text("x"),
+            ["--source", "{p}/e.txt", "--tokenizer", "{p}/no/tok"],
+            "does not exist",
+        ),
     ],
 )
 def test_bad_sources_fail_clearly_and_write_nothing(tmp_path, setup, argv, message):
@@ -193,3 +200,14 @@ def test_cli_prints_user_error_without_traceback(tmp_path, capsys):
     assert lmtrain_main(["prepare", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --source") and "Traceback" not in err
+
+
+def test_failed_rebuild_keeps_the_previous_output(tmp_path):
+    (tmp_path / "a.txt").write_text("one<|endoftext|>two")
+    out = tmp_path / "o"
+    run("--source", tmp_path / "a.txt", "--out", out, "--val-fraction", "0")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(UserError):
+        run("--source", tmp_path / "a.txt", "--out", out, "--tokenizer", tmp_path / "missing", "--force")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "o"]

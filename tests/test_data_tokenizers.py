@@ -50,6 +50,7 @@ def test_missing_paths_fail_clearly(tmp_path):
         load_tokenizer(str(tmp_path / "empty"))
 
 
+@pytest.mark.slow
 def test_hub_name_offline_fails_with_advice(tmp_path):
     # A fresh interpreter so that HF_HUB_OFFLINE is read at import time, and an empty cache.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
@@ -68,7 +69,10 @@ def test_resolve_tokenizer_prefers_config_then_saved_then_errors(tmp_path):
     assert resolve_tokenizer(DataConfig(dataset=str(tmp_path), tokenizer="byte")).bos_token_id == 257
     with pytest.raises(UserError, match="no tokenizer saved beside the dataset"):
         resolve_tokenizer(DataConfig(dataset=str(tmp_path)))
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_tokenizer(DataConfig(dataset=str(tmp_path / "missing")))
     load_tokenizer("byte").save_pretrained(tmp_path / "tokenizer")
     assert resolve_tokenizer(DataConfig(dataset=str(tmp_path))).pad_token_id == 256
     # A file inside the prepared directory finds the same tokenizer.
+    (tmp_path / "train.parquet").write_bytes(b"")
     assert resolve_tokenizer(DataConfig(dataset=str(tmp_path / "train.parquet"))).eos_token_id == 258

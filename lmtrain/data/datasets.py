@@ -112,14 +112,15 @@ class PackedDataset(IterableDataset):
                     docs = self.shard_documents(epoch, shard, num_shards)
                     continue
                 take = docs[doc : doc + self.docs_per_fetch]
-                parts = []
+                parts, end = [], len(buf)
                 for j, toks in enumerate(self.source.documents(take)):
                     seg = np.empty(len(toks) + 1, dtype=np.int64)
                     seg[0] = self.bos_id
                     seg[1:] = toks
                     skip = offset if j == 0 else 0
-                    segs.append((len(buf) + sum(len(p) for p in parts), epoch, doc + j, skip))
+                    segs.append((end, epoch, doc + j, skip))
                     parts.append(seg[skip:])
+                    end += len(seg) - skip
                 offset = 0
                 doc += len(take)
                 buf = np.concatenate([buf, *parts])

@@ -65,6 +65,7 @@ def build_dataloader(
         world_size=world_size,
         shuffle=cfg.shuffle and train,
         infinite=train,
+        document_ids=cfg.document_masking,
     )
 
 
@@ -124,9 +125,20 @@ class PaddedLoader:
     """The course's padded pipeline: per-epoch shuffled document batches, split evenly across ranks."""
 
     def __init__(
-        self, dataset, collate, *, batch_size, num_workers, seed, rank, world_size, shuffle, infinite
+        self,
+        dataset,
+        collate,
+        *,
+        batch_size,
+        num_workers,
+        seed,
+        rank,
+        world_size,
+        shuffle,
+        infinite,
+        document_ids,
     ):
-        self.dataset, self.collate = dataset, collate
+        self.dataset, self.collate, self.document_ids = dataset, collate, document_ids
         self.batch_size, self.num_workers = batch_size, num_workers
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shuffle, self.infinite = shuffle, infinite
@@ -153,7 +165,8 @@ class PaddedLoader:
                 self.dataset, batch_sampler=batches, collate_fn=self.collate, num_workers=self.num_workers
             )
             for batch in loader:
-                batch.pop("length", None)
+                if self.document_ids:  # one document per sample: the model's masks need no change
+                    batch["doc_ids"] = torch.zeros_like(batch["input_ids"])
                 if self.infinite:
                     self.batch_in_epoch += 1
                 yield batch

@@ -250,9 +250,11 @@ def build_tokenizer(spec: str, train_parquet: Path, impl: str, workdir: Path):
         vocab, merges = train_bpe(str(corpus), vocab_size, SPECIAL_TOKENS)
         Tokenizer(vocab, merges, SPECIAL_TOKENS).save(str(workdir / "bpe.json"))
         corpus.unlink()
-        return load_tokenizer(str(workdir / "bpe.json"))
+        tok = load_tokenizer(str(workdir / "bpe.json"))
+        _prepend_bos(tok.backend_tokenizer, tok.bos_token_id)
+        return tok
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     core = HFTokenizer(models.BPE())
@@ -265,10 +267,17 @@ def build_tokenizer(spec: str, train_parquet: Path, impl: str, workdir: Path):
         show_progress=False,
     )
     core.train_from_iterator(parquet_texts(train_parquet), trainer)
-    core.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, core.token_to_id(BOS))]
-    )
+    _prepend_bos(core, core.token_to_id(BOS))
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token="</s>", pad_token="<pad>")
+
+
+def _prepend_bos(core, bos_id: int) -> None:
+    """Make `tokenizer(text)` start with BOS, as Llama-style tokenizers do (the pipelines add it themselves)."""
+    from tokenizers import processors
+
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
 
 
 def tokenize_split(parquet: Path, tokenizer, batch_docs: int = 256) -> Iterator:
