@@ -471,7 +471,10 @@ class JobPlan:
 
     def setup_lines(self) -> list[str]:
         """Shell lines run in the batch script before srun (submitit's `setup`)."""
-        lines = [f"export {k}={shlex.quote(v)}" for k, v in self.env]
+        # Slurm may deliver the step signal (USR2) before srun has started a step, e.g. right after a
+        # requeue near a short time limit: the batch shell must survive it (USR2 would kill it).
+        lines = ["trap '' USR2"]
+        lines += [f"export {k}={shlex.quote(v)}" for k, v in self.env]
         # The task runs `jobs.task` / `lmtrain.train` from the checkout, installed or not.
         lines.append(f"export PYTHONPATH={shlex.quote(self.workdir)}${{PYTHONPATH:+:$PYTHONPATH}}")
         return lines

@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"  logs: python -m jobs.logs --exp {run.plan.experiment}    status: python -m jobs.status")
     if args.wait:
-        summary = job.result()
+        summary = job.results()[0]  # rank 0 returns the run's summary
         print(json.dumps(summary, indent=2))
     return 0
 

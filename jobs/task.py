@@ -90,9 +90,12 @@ class TrainTask(submitit.helpers.Checkpointable):
 
     def _finish(self, rc: int) -> dict[str, Any] | None:
         if rc == EXIT_REQUEUE:
-            # The trainer saw the stop signal first; submitit's handler for the same signal is about to
-            # run in this process (it requeues and exits). Give it the time to.
-            deadline = time.time() + 30
+            # The trainer saved a checkpoint and stopped without submitit having been signalled (the
+            # trainer got SIGTERM at the time limit, or a signal meant only for it): take the same path
+            # as a preemption signal. On rank 0, submitit's handler checkpoints, requeues and exits;
+            # the other ranks wait for the requeue to end them.
+            os.kill(os.getpid(), STOP_SIGNAL)
+            deadline = time.time() + 120
             while time.time() < deadline:
                 time.sleep(0.5)
             raise RuntimeError(

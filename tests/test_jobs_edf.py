@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from jobs.edf import EdfError, check_edf, environment_path_warnings, render_edf, write_edf
 
