@@ -155,3 +155,20 @@ def test_course_parquet_dataset_and_collator(tmp_path):
     assert batch["labels"][1, :n].tolist() == list(text.encode())
     assert (batch["labels"][1, n:] == -100).all()
     assert TOK.decode(batch["input_ids"][1, : n + 1].tolist()) == "<s>" + text
+
+
+def test_pretokenized_files_are_preferred_and_checked_against_the_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    from lmtrain.data.prepare import main as prepare_main
+
+    (tmp_path / "c.txt").write_text("<|endoftext|>".join(f"text number {i}" for i in range(30)))
+    out = tmp_path / "c"
+    prepare_main(["--source", str(tmp_path / "c.txt"), "--out", str(out), "--pretokenize"])
+    (out / "train.parquet").unlink()  # only the token files can serve the packed pipeline now
+    batch = next(iter(build_dataloader(cfg_for(out), TOK, "train", seed=0)))
+    assert TOK.bos_token_id in batch["input_ids"]
+    other = Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "<pad>": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    other.save(str(tmp_path / "small.json"))
+    with pytest.raises(UserError, match="vocabulary of 259"):
+        build_dataloader(cfg_for(out), load_tokenizer(str(tmp_path / "small.json")), "train", seed=0)

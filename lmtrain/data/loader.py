@@ -7,13 +7,15 @@ ckpt["data"] = loader.state_dict()  # plain ints/lists: torch.save-able with wei
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from lmtrain.config import DataConfig
 from lmtrain.data.datasets import CollatorForCLM, PackedDataset, PaddedDocuments, epoch_order
-from lmtrain.data.sources import open_split
+from lmtrain.data.sources import TokenFile, open_split
 from lmtrain.errors import UserError
 
 
@@ -35,6 +37,15 @@ def build_dataloader(
     source = open_split(cfg.dataset, split, tokenizer, prefer_tokens=cfg.pipeline == "packed")
     if source is None:
         return None
+    if isinstance(source, TokenFile) and source.meta.get("vocab_size") != len(tokenizer):
+        raise UserError(
+            f"{source.path} was tokenized with a vocabulary of {source.meta.get('vocab_size')} but the tokenizer "
+            f"has {len(tokenizer)}: use the tokenizer saved beside it (leave data.tokenizer empty) or re-run "
+            f"`lmtrain prepare --pretokenize` with this tokenizer"
+        )
+    if cfg.num_workers > 0:
+        # Each worker tokenizes on one core; this also silences the tokenizers fork warning.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if len(source) == 0:
         raise UserError(f"the {split} split of {cfg.dataset} has no documents")
     train = split == "train"
