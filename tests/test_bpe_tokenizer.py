@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerFast
 from lmtrain.errors import UserError
 from lmtrain.tokenizer import Tokenizer, train_bpe
 from lmtrain.tokenizer import tokenizer as tokenizer_mod
-from lmtrain.tokenizer.pretokenize import GPT2_REGEX, bytes_to_unicode, encode_token
+from lmtrain.tokenizer.pretokenize import GPT2_REGEX, bytes_to_unicode
 
 EOT = "<|endoftext|>"
 SPECIALS = [EOT, EOT + EOT, "<pad>"]
@@ -155,6 +155,15 @@ def test_encode_iterable_whitespace_and_punctuation(trained, monkeypatch, text, 
     assert list(tok.encode_iterable(iter(text))) == tok.encode(text)
 
 
+def test_encode_iterable_without_safe_cuts(trained, monkeypatch):
+    # One long letter run and one long space run: no cut is possible inside either; the result must
+    # still be exact.
+    monkeypatch.setattr(tokenizer_mod, "_STREAM_BUFFER", 8)
+    tok = trained[0]
+    text = "x" + "a" * 3000 + " " * 500 + "b1"
+    assert list(tok.encode_iterable(iter(text))) == tok.encode(text)
+
+
 def test_encode_iterable_is_lazy_over_a_file(trained, tmp_path):
     tok, _, text = trained
     path = tmp_path / "big.txt"
@@ -231,9 +240,10 @@ def test_hf_pretokenizer_agrees_on_every_assigned_code_point():
     ]
     assert len(chars) > 140_000
     for start in range(0, len(chars), 20_000):
-        text = "".join(f"a{ch}1{ch} {ch}{ch}\n{ch}'s{ch}  {ch}. " for ch in chars[start : start + 20_000])
-        ours = [encode_token(t.encode("utf-8")) for t in GPT2_REGEX.findall(text)]
-        assert ours == [t for t, _ in hf.pre_tokenize_str(text)]
+        text = "".join(f"a{ch}1{ch} {ch}{ch}\n{ch}." for ch in chars[start : start + 20_000])
+        # Same text, same character spans: same pre-tokens (Hugging Face reports offsets in characters).
+        ours = [m.span() for m in GPT2_REGEX.finditer(text)]
+        assert ours == [span for _, span in hf.pre_tokenize_str(text)]
 
 
 def test_transformers_loads_saved_tokenizer(trained):

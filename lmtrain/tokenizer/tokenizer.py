@@ -224,15 +224,21 @@ class Tokenizer:
         """Ids of the concatenated strings, lazily: memory is bounded by a buffer and the longest
         pre-token, not by the input (e.g. iterate over an open file line by line)."""
         buf = ""
+        threshold = _STREAM_BUFFER
         for chunk in iterable:
             if not isinstance(chunk, str):
                 raise UserError(f"encode_iterable: expected str items, got {type(chunk).__name__}")
             buf += chunk
-            if len(buf) >= _STREAM_BUFFER:
+            if len(buf) >= threshold:
                 cut = self._safe_cut(buf)
                 if cut:
                     yield from self.encode(buf[:cut])
                     buf = buf[cut:]
+                    threshold = _STREAM_BUFFER
+                else:
+                    # No safe cut (one giant pre-token): look again only when the buffer has doubled,
+                    # so rescanning stays linear in the input.
+                    threshold = 2 * len(buf)
         if buf:
             yield from self.encode(buf)
 
