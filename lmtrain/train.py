@@ -319,18 +319,19 @@ def _progress(cfg: TrainConfig, env: DistEnv, start: int, total: int):
     return progress
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) a training job; returns the summary also written to `summary.json`."""
+def train(cfg: TrainConfig, hooks: StepHooks | None = None) -> dict:
+    """Run (or resume) a training job; returns the summary also written to `summary.json`.
+    `hooks` replaces the ones `profiling.build_step_hooks` derives from cfg.profiling."""
     env = detect_env()
     device = resolve_device(cfg.training.device, env)
     init_distributed(cfg.distributed, device, env)
     try:
-        return _train(cfg, env, device)
+        return _train(cfg, env, device, hooks)
     finally:
         cleanup()
 
 
-def _train(cfg: TrainConfig, env: DistEnv, device: torch.device) -> dict:
+def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, hooks: StepHooks | None) -> dict:
     from lmtrain.data import build_dataloader, resolve_tokenizer
     from lmtrain.model import Transformer, model_args_from_config
 
@@ -417,7 +418,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device) -> dict:
         if env.is_main
         else None
     )
-    hooks = _build_step_hooks(cfg, run_dir, device)
+    hooks = hooks if hooks is not None else _build_step_hooks(cfg, run_dir, device)
     timer = StepTimer(device)
     window = Throughput()
     run_tp = Throughput()
@@ -552,7 +553,11 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device) -> dict:
                 break
 
             if stop.any_rank():
-                logger.warning("signal %s: saving at step %d and exiting for requeue", stop.received, step)
+                logger.warning(
+                    "signal %s: saving at step %d and exiting for requeue",
+                    stop.received.name if stop.received else "on another rank",
+                    step,
+                )
                 save(step)
                 exit_reason = "signal"
                 break
