@@ -9,6 +9,8 @@ separator (`mask_bos_labels`): the first token of a document is not predicted fr
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
@@ -92,8 +94,10 @@ class PackedDataset(IterableDataset):
         epoch, doc, offset = state["epoch"], state["doc"], state["offset"]
         need = self.B * self.T + 1
         buf = np.empty(0, dtype=np.int64)
-        # Segments of the buffer: (start in buf, epoch, doc position, offset of buf[start] in its segment).
-        segs: list[tuple[int, int, int, int]] = []
+        base = 0  # stream position of buf[0], counted from the start of this iteration
+        # Where each fetched document starts: (stream position, epoch, doc position, offset of that
+        # position inside the document's BOS + tokens segment), to turn a stream position into a state.
+        segs: collections.deque[tuple[int, int, int, int]] = collections.deque()
         docs = self.shard_documents(epoch, shard, num_shards)
         yielded_this_epoch = doc > 0 or offset > 0
         while True:
@@ -112,32 +116,35 @@ class PackedDataset(IterableDataset):
                     docs = self.shard_documents(epoch, shard, num_shards)
                     continue
                 take = docs[doc : doc + self.docs_per_fetch]
-                parts, end = [], len(buf)
-                for j, toks in enumerate(self.source.documents(take)):
-                    seg = np.empty(len(toks) + 1, dtype=np.int64)
-                    seg[0] = self.bos_id
-                    seg[1:] = toks
+                fetched = self.source.documents(take)
+                grown = np.empty(len(buf) + sum(len(t) + 1 for t in fetched) - offset, dtype=np.int64)
+                grown[: len(buf)] = buf
+                pos = len(buf)
+                for j, toks in enumerate(fetched):  # one copy: BOS and tokens straight into place
                     skip = offset if j == 0 else 0
-                    segs.append((end, epoch, doc + j, skip))
-                    parts.append(seg[skip:])
-                    end += len(seg) - skip
-                offset = 0
-                doc += len(take)
-                buf = np.concatenate([buf, *parts])
+                    segs.append((base + pos, epoch, doc + j, skip))
+                    if skip == 0:
+                        grown[pos] = self.bos_id
+                        grown[pos + 1 : pos + 1 + len(toks)] = toks
+                        pos += len(toks) + 1
+                    else:  # resuming inside this document
+                        rest = toks[skip - 1 :]
+                        grown[pos : pos + len(rest)] = rest
+                        pos += len(rest)
+                assert pos == len(grown)
+                buf, offset, doc = grown, 0, doc + len(take)
             if len(buf) < need:  # finite pass: the tail becomes one padded, partial batch
                 if len(buf) >= 2:
                     yield self._partial_batch(buf, logical)
                 return
             window = buf[:need]
             consumed = self.B * self.T
-            buf = buf[consumed:]
+            buf, base = buf[consumed:], base + consumed
             # The stream position of buf[0] (the first input of the next batch), for exact resume.
-            while len(segs) > 1 and segs[1][0] <= consumed:
-                segs.pop(0)
+            while len(segs) > 1 and segs[1][0] <= base:
+                segs.popleft()
             s0, e0, d0, o0 = segs[0]
-            next_state = {"epoch": e0, "doc": d0, "offset": o0 + consumed - s0}
-            segs = [(s - consumed, e, d, o) for s, e, d, o in segs]
-            segs[0] = (0, e0, d0, next_state["offset"])
+            next_state = {"epoch": e0, "doc": d0, "offset": o0 + base - s0}
             yielded_this_epoch = True
             yield self._batch(window, self.B, logical, next_state)
 
