@@ -363,25 +363,45 @@ def prepare_data(study: Study, runs: list[PlannedRun], log=print) -> None:
     subprocess.run([sys.executable, "-m", "lmtrain", *study.prepare], check=True)
 
 
-def run_local(runs: list[PlannedRun], logs_dir: Path, log=print) -> None:
-    """Train the unfinished runs here, one after another; a failed run stops the study."""
+def run_local(runs: list[PlannedRun], logs_dir: Path, log=print, parallel: int = 1) -> None:
+    """Train the unfinished runs here, `parallel` at a time (each with its share of the CPU cores); the
+    first failed run stops the study after the runs in flight have ended."""
     logs_dir.mkdir(parents=True, exist_ok=True)
     todo = [r for r in runs if not r.done]
     for r in runs:
         if r.done:
             log(f"[skip] {r.name}: finished (summary.json present)")
-    for i, r in enumerate(todo, 1):
-        log_path = logs_dir / f"{r.name}.log"
-        log(f"[{i}/{len(todo)}] {r.name}: {' '.join(r.command('python'))}")
-        start = time.perf_counter()
-        with open(log_path, "w") as fh:
-            proc = subprocess.run(r.command(), stdout=fh, stderr=subprocess.STDOUT, cwd=os.getcwd())
-        if proc.returncode != 0 or not r.done:
-            tail = "".join(log_path.read_text().splitlines(keepends=True)[-20:])
-            raise RuntimeError(
-                f"run {r.name} failed (exit {proc.returncode}); its log is {log_path}:\n{tail}"
-            )
-        log(f"[{i}/{len(todo)}] {r.name}: done in {time.perf_counter() - start:.0f} s")
+    env = dict(os.environ)
+    if parallel > 1:  # share the cores rather than oversubscribe them
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+    queue = list(enumerate(todo, 1))
+    running: list[tuple[int, PlannedRun, subprocess.Popen, Any, float]] = []
+    failed: list[str] = []
+    while queue or running:
+        while queue and len(running) < parallel and not failed:
+            i, r = queue.pop(0)
+            log_path = logs_dir / f"{r.name}.log"
+            log(f"[{i}/{len(todo)}] {r.name}: {' '.join(r.command('python'))}")
+            fh = open(log_path, "w")
+            proc = subprocess.Popen(r.command(), stdout=fh, stderr=subprocess.STDOUT, env=env)
+            running.append((i, r, proc, fh, time.perf_counter()))
+        if failed and not running:
+            break
+        time.sleep(0.2)
+        for item in list(running):
+            i, r, proc, fh, start = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            fh.close()
+            if proc.returncode != 0 or not r.done:
+                log_path = logs_dir / f"{r.name}.log"
+                tail = "".join(log_path.read_text().splitlines(keepends=True)[-20:])
+                failed.append(f"run {r.name} failed (exit {proc.returncode}); its log is {log_path}:\n{tail}")
+            else:
+                log(f"[{i}/{len(todo)}] {r.name}: done in {time.perf_counter() - start:.0f} s")
+    if failed:
+        raise RuntimeError("\n".join(failed))
 
 
 def submit_array(
@@ -505,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="repeat the study with this many seeds")
     p.add_argument("--variants", help="comma-separated subset of the variants (default: all)")
     p.add_argument("--out", help="study directory (default: runs/ablation/<study name>-<steps>steps)")
+    p.add_argument("--parallel", type=int, default=1, help="local runs trained at the same time")
     p.add_argument("--cluster", help="submit as one Slurm job array on this cluster (local, clariden)")
     p.add_argument("--wait", action="store_true", help="with --cluster: wait for the array, then report")
     p.add_argument("--account", help="with --cluster: Slurm account (else the cluster profile's)")
@@ -517,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
+    if args.parallel < 1:
+        raise UserError(f"--parallel must be >= 1, got {args.parallel}")
     study = load_study(args.study)
     overrides = parse_overrides(extra)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
@@ -545,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_for(jobs)
     else:
         prepare_data(study, runs)
-        run_local(runs, out_dir / "logs")
+        run_local(runs, out_dir / "logs", parallel=args.parallel)
     write_report(out_dir, runs, generations=not args.no_generations, max_new_tokens=args.max_new_tokens)
     return 0
 

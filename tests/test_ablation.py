@@ -168,6 +168,7 @@ def test_missing_and_malformed_study_file(tmp_path):
         (["--seeds", "0"], "--seeds must be between 1 and 2"),
         (["--variants", "baseline,gelu"], r"--variants: unknown \['gelu'\]"),
         (["--steps", "0"], "--steps must be >= 1"),
+        (["--parallel", "0"], "--parallel must be >= 1"),
         (["--model.mlp=gelu"], "would change the switch that variant 'swiglu' tests"),
         (["--model.dimm=3"], "unknown key 'model.dimm'"),
         (["--model.norm=batchnorm"], "model.norm = 'batchnorm' is not a valid rmsnorm | layernorm"),

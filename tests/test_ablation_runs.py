@@ -47,7 +47,8 @@ def report_rows(path):
 @pytest.mark.slow
 def test_local_study_trains_reports_and_resumes(tmp_path, corpus):
     out = tmp_path / "study"
-    argv = ["--steps", "4", "--variants", "baseline,all", "--out", str(out), f"--data.dataset={corpus}"]
+    argv = ["--steps", "4", "--variants", "baseline,all", "--parallel", "2", "--out", str(out)]
+    argv.append(f"--data.dataset={corpus}")
     assert ablation.main([*argv, *TINY, "--max-new-tokens=8"]) == 0
     for name in ("baseline-seed0", "all-seed0"):
         summary = json.loads((out / name / "summary.json").read_text())

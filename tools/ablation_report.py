@@ -480,6 +480,28 @@ def render_markdown(rows: list[VariantRow], runs: list[Run], baseline: str, plot
     return "\n".join(lines).rstrip() + "\n"
 
 
+def print_table(rows: list[VariantRow], baseline: str) -> None:
+    """The report's table on the terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="ablation study (validation NLL, nats/token)")
+    for col in ("run", "switches", "parameters", "train NLL", "val NLL", "Δ vs baseline", "tokens/s"):
+        table.add_column(col, justify="left" if col in ("run", "switches") else "right")
+    for r in rows:
+        val = _fmt(r.val, ".4f") + (f" ± {r.val_range / 2:.4f}" if r.val_range is not None else "")
+        table.add_row(
+            r.variant,
+            r.switches,
+            f"{r.params:,}" if r.params is not None else "n/a",
+            _fmt(r.train, ".4f"),
+            val,
+            "—" if r.variant == baseline else _fmt(r.delta, "+.4f"),
+            _fmt(r.tokens_per_s, ",.0f"),
+        )
+    Console().print(table)
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -512,6 +534,7 @@ def build_report(
     plot_curves(runs, rows, out / "nll.png")
     report = out / "report.md"
     _atomic_write(report, render_markdown(rows, runs, baseline, "nll.png"))
+    print_table(rows, baseline)
     return report
 
 
