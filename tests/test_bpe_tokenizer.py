@@ -328,6 +328,14 @@ def test_malformed_gpt2_files(trained, tmp_path):
         Tokenizer.from_files(tmp_path / "vocab.json", d / "merges.txt", SPECIALS)
 
 
+def test_special_token_spelled_like_a_byte_token(tmp_path):
+    vocab = {i: bytes([i]) for i in range(256)}
+    tok = Tokenizer(vocab, [], ["!"])  # "!" is also the byte-level spelling of byte 0x21
+    assert tok.encode("!") == [256]
+    with pytest.raises(UserError, match="rename the special token"):
+        tok.save(tmp_path / "tokenizer.json")
+
+
 def test_bad_constructor_input(trained):
     tok = trained[0]
     with pytest.raises(UserError, match="is empty"):

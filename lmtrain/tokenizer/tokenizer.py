@@ -103,15 +103,17 @@ class Tokenizer:
             self.vocab[i] = bytes(tok)
         self.merges = [(bytes(a), bytes(b)) for a, b in merges]
 
-        # Special tokens take the lowest id holding their bytes, or a new id after the vocabulary.
-        by_bytes: dict[bytes, int] = {}
+        # Special tokens take the lowest id holding their bytes, or a new id after the vocabulary when
+        # there is none, or when the only one is a single byte, which byte-level encoding needs.
+        by_bytes: dict[bytes, list[int]] = {}
         for i in sorted(self.vocab):
-            by_bytes.setdefault(self.vocab[i], i)
+            by_bytes.setdefault(self.vocab[i], []).append(i)
         self.special_tokens = specials
         self.special_ids: dict[str, int] = {}
         for s in specials:
             raw = s.encode("utf-8")
-            sid = by_bytes.get(raw)
+            holders = by_bytes.get(raw, [])
+            sid = holders[0] if holders and not (len(raw) == 1 and len(holders) == 1) else None
             if sid is None:
                 sid = max(self.vocab, default=-1) + 1
                 self.vocab[sid] = raw
@@ -276,6 +278,11 @@ class Tokenizer:
             key = encode_token(self.vocab[i])
             if key not in out:
                 out[key] = i
+            elif out[key] in special_ids and self._token_id.get(self.vocab[i]) == i:
+                raise UserError(
+                    f"special token {key!r} is spelled like the byte-level form of token {i} "
+                    f"({self.vocab[i]!r}); one vocabulary string cannot name both: rename the special token"
+                )
         return out
 
     def save_gpt2_files(self, directory: str | os.PathLike) -> tuple[Path, Path]:
