@@ -217,4 +217,7 @@ def _check_state(state: dict, pipeline: str, num_workers: int, rank: int, world_
             f"the checkpoint's data state is for {state.get('world_size')} ranks, this run has {world_size}: "
             f"resume with the same number of processes"
         )
-    assert torch is not None and state.get("rank", rank) == rank, "data state of another rank"
+    if state.get("rank", rank) != rank:
+        raise UserError(
+            f"the data state is rank {state.get('rank')}'s, loaded on rank {rank}: save one per rank"
+        )
