@@ -95,7 +95,11 @@ def test_bytes_to_unicode_is_gpt2s_map():
 
 
 # ------------------------------------------------------------------------------------ round trips
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(text=any_with_specials)
 def test_round_trip_unicode(trained, text):
     tok = trained[0]
@@ -131,7 +135,11 @@ def test_decode_replaces_invalid_utf8(trained):
         tok.decode([999999])
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(text=text_with_specials, cuts=st.lists(st.integers(0, 400), max_size=12), buffer=st.integers(1, 40))
 def test_encode_iterable_equals_encode(trained, monkeypatch, text, cuts, buffer):
     # A tiny buffer makes every chunk boundary a potential mistake.
@@ -142,7 +150,11 @@ def test_encode_iterable_equals_encode(trained, monkeypatch, text, cuts, buffer)
     assert list(tok.encode_iterable(chunks)) == tok.encode(text)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(
     text=st.text(st.sampled_from(" \t\n\r\u3000ab1.'s<>|"), max_size=30).map(
         lambda t: t.replace("<>", "<pad>")
@@ -197,7 +209,11 @@ def test_hf_equal_on_stdlib(trained):
         assert hf_json.decode(ours, skip_special_tokens=False) == text
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(text=text_with_specials)
 def test_hf_equal_on_random_unicode(trained, text):
     tok, d, _ = trained
@@ -206,7 +222,11 @@ def test_hf_equal_on_random_unicode(trained, text):
     assert _hf(d, "files").encode(text).ids == ours
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(
     text=st.text(
         st.sampled_from(" \t\n\r\x0b\x0c\x1c\x1d\x85\xa0\u1680\u2000\u200b\u2028\u3000\ufeffa1.'s"),

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 import regex
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lmtrain.errors import UserError
@@ -91,7 +91,7 @@ def test_special_token_blocks_merges(tmp_path):
     assert b"xy" not in vocab.values() and (b"x", b"y") not in merges
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     text=st.text(alphabet=st.sampled_from("ab c\n'sé日🙂1"), min_size=1, max_size=120),
     extra=st.integers(0, 30),
