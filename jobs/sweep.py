@@ -174,7 +174,9 @@ class Measured:
         return max(0.0, 1.0 - self.tokens_per_s / self.positions_per_s) if self.positions_per_s else 0.0
 
 
-def measure(run_dir: Path) -> Measured:
+def measure(run_dir: Path, row: dict | None = None) -> Measured:
+    """A run's numbers; with `row` (tools/compare_runs.py's summary of it), its tokens/s and noise are
+    the table's: the mean and spread of the logged windows after the first."""
     import yaml
 
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -200,6 +202,12 @@ def measure(run_dir: Path) -> Measured:
     noise = (
         statistics.stdev(rates) / statistics.fmean(rates) / math.sqrt(len(rates)) if len(rates) >= 3 else 0.0
     )
+    if row is not None and row.get("tokens_per_s"):
+        # Keep the summary's share of real tokens among positions; take the rate itself from the table.
+        pps = pps * row["tokens_per_s"] / tps
+        tps = row["tokens_per_s"]
+        used = max(1, row.get("records_used") or 1)
+        noise = (row.get("tokens_per_s_std") or 0.0) / tps / math.sqrt(used) if used > 1 else 0.0
     return Measured(run_dir.name, config, float(tps), float(pps), summary.get("mfu"), fpp, noise)
 
 
@@ -270,7 +278,12 @@ def write_report(runs: list[SweepRun], out_dir: Path, size: str, log=print) -> P
     finished = [r for r in runs if r.done]
     if not finished:
         raise UserError(f"no finished run in {out_dir} to report on")
-    measured = {r.experiment: measure(r.run_dir) for r in finished}
+    from tools.common import markdown_table
+    from tools.runlog import load_runs
+
+    rows = compare_runs.compare(load_runs([str(r.run_dir) for r in finished]), warmup=1)
+    compare_runs.print_table(rows, 1)
+    measured = {r.experiment: measure(r.run_dir, row) for r, row in zip(finished, rows)}
     base_name = runs[0].experiment
     if base_name not in measured:
         raise UserError(f"the {base_name} run has not finished: it is the reference of every row")
@@ -280,7 +293,9 @@ def write_report(runs: list[SweepRun], out_dir: Path, size: str, log=print) -> P
         changes = _changes(m, base)
         if len(changes) == 1:
             singles[next(iter(changes))] = m.tokens_per_s / base.tokens_per_s
-    table_md, chart = compare_runs.report_parts([r.run_dir for r in finished], out_dir)
+    table_md = markdown_table(compare_runs.HEADERS, [compare_runs.cells(row) for row in rows])
+    chart = out_dir / "throughput.png"
+    compare_runs.plot(rows, chart)
     where = (
         "CPU-sized runs (the `tiny` preset, fp32, sequence lengths / 16) on this machine's CPU: they measure "
         "what each switch does to a CPU step, not GPU speed-ups"
@@ -290,7 +305,8 @@ def write_report(runs: list[SweepRun], out_dir: Path, size: str, log=print) -> P
     lines = [
         f"# Sweep: {', '.join(r.experiment for r in runs)}",
         "",
-        f"{where}. tokens/s excludes each run's first step. A run is called faster or slower only beyond ± twice "
+        f"{where}. tokens/s is the mean over the logged windows after the first (which holds the warm-up "
+        "and compilation), ± their standard deviation. A run is called faster or slower only beyond ± twice "
         "the standard error of its logged windows' tokens/s and the baseline's, and never within "
         f"±{MIN_BAND:.0%} (variation between runs, such as load from other processes, is not in those windows).",
         "",

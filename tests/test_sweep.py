@@ -114,3 +114,32 @@ def test_noise_band_comes_from_the_logged_windows(tmp_path):
     other = sweep.measure(write_run(tmp_path, "fused", 1150, 1150, 0.01, noisy, fused=True))
     assert base.noise > 0.1
     assert "within the measurement noise" in sweep.explain(other, base, {})
+
+
+def test_report_has_the_comparison_table_chart_and_one_explanation_per_run(tmp_path):
+    steady = [1.0, 1000.0, 1010.0, 990.0, 1000.0]
+    specs = {
+        "baseline": dict(tps=1000, pps=1000, mfu=0.01, windows=steady),
+        "fused": dict(tps=1000, pps=1000, mfu=0.01, windows=steady, fused=True),
+        "compile": dict(
+            tps=1500, pps=1500, mfu=0.015, windows=[1.0] + [w * 1.5 for w in steady[1:]], compile=True
+        ),
+        "seq4096": dict(tps=800, pps=1000, mfu=0.012, windows=[1.0] + [w * 0.8 for w in steady[1:]], seq=256),
+    }
+    runs = []
+    for name, spec in specs.items():
+        write_run(
+            tmp_path, name, spec.pop("tps"), spec.pop("pps"), spec.pop("mfu"), spec.pop("windows"), **spec
+        )
+        runs.append(sweep.SweepRun(name, tmp_path / name, []))
+    report = sweep.write_report(runs, tmp_path, "cpu", log=lambda msg: None)
+    text = report.read_text()
+    assert "| run | steps | tokens/s |" in text  # tools/compare_runs.py's table
+    assert text.count("\n| ") == 1 + len(specs) and "| compile | 5 | 1,500.0 |" in text
+    assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
+    why = text.split("## Why")[1]
+    assert why.count("\n- **") == 3  # one per run besides the baseline
+    assert "**compile**: 1.50× the baseline's tokens/s: faster" in why
+    assert "**fused**: 1.00× the baseline's tokens/s: within the measurement noise" in why
+    assert "**seq4096**: 0.80× the baseline's tokens/s: slower" in why
+    assert "CPU-sized runs" in text
