@@ -295,42 +295,50 @@ def _apply_merge(a, b, new, words, counts, pair_counts, where) -> set[tuple[int,
     get = pair_counts.get
     for wi in affected:
         word = words[wi]
-        if a not in word:
-            continue  # the index may hold words that lost this pair in an earlier merge
         n = len(word)
         c = counts[wi]
         out: list[int] = []
         i = 0
         touched = False
-        while i < n:
-            if word[i] == a and i + 1 < n and word[i + 1] == b:
-                touched = True
-                if out:
-                    old = (word[i - 1], a)
+        index = word.index
+        while True:
+            # Jump to the next `a` in C; copy the stretch before it as a slice.
+            try:
+                j = index(a, i)
+            except ValueError:
+                break
+            if j + 1 >= n or word[j + 1] != b:
+                out.extend(word[i : j + 1])
+                i = j + 1
+                continue
+            touched = True
+            if j > i:
+                out.extend(word[i:j])
+            if out:
+                old = (word[j - 1], a)
+                if old != merged:
+                    pair_counts[old] = get(old, 0) - c
+                    changed.add(old)
+                fresh = (out[-1], new)
+                pair_counts[fresh] = get(fresh, 0) + c
+                changed.add(fresh)
+                where.setdefault(fresh, set()).add(wi)
+            if j + 2 < n:
+                right = word[j + 2]
+                if not (right == a and j + 3 < n and word[j + 3] == b):
+                    old = (b, right)
                     if old != merged:
                         pair_counts[old] = get(old, 0) - c
                         changed.add(old)
-                    fresh = (out[-1], new)
+                    fresh = (new, right)
                     pair_counts[fresh] = get(fresh, 0) + c
                     changed.add(fresh)
                     where.setdefault(fresh, set()).add(wi)
-                if i + 2 < n:
-                    right = word[i + 2]
-                    if not (right == a and i + 3 < n and word[i + 3] == b):
-                        old = (b, right)
-                        if old != merged:
-                            pair_counts[old] = get(old, 0) - c
-                            changed.add(old)
-                        fresh = (new, right)
-                        pair_counts[fresh] = get(fresh, 0) + c
-                        changed.add(fresh)
-                        where.setdefault(fresh, set()).add(wi)
-                out.append(new)
-                i += 2
-            else:
-                out.append(word[i])
-                i += 1
+            out.append(new)
+            i = j + 2
         if touched:
+            # The index may hold words that lost this pair in an earlier merge: those stay untouched.
+            out.extend(word[i:])
             words[wi] = out
     return changed
 
