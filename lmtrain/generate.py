@@ -93,9 +93,9 @@ def generate_stream(
     seq = prompt_ids
     cache = model.new_kv_cache(B) if use_cache else None
     if cache is not None:
-        logits = model(seq, cache=cache, start_pos=0)[:, -1]  # prefill: (B, V)
+        logits = model(seq, cache=cache, start_pos=0, last_only=True)[:, -1]  # prefill: (B, V)
     else:
-        logits = model(seq)[:, -1]
+        logits = model(seq, last_only=True)[:, -1]
     for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
         nxt = torch.where(finished, end_ids[0] if len(end_ids) else nxt, nxt)
@@ -106,11 +106,11 @@ def generate_stream(
         seq = torch.cat([seq, nxt[:, None]], dim=1)  # (B, T + step + 1)
         pos = seq.shape[1] - 1  # position of the token just sampled
         if cache is not None and pos < context:
-            logits = model(nxt[:, None], cache=cache, start_pos=pos)[:, -1]
+            logits = model(nxt[:, None], cache=cache, start_pos=pos, last_only=True)[:, -1]
         else:
             # No cache, or the context is full: the window slides, every position shifts, and the
             # cached keys (rotated or position-embedded at their old positions) are no longer valid.
-            logits = model(seq[:, -context:])[:, -1]
+            logits = model(seq[:, -context:], last_only=True)[:, -1]
 
 
 def generate(

@@ -405,6 +405,7 @@ class Transformer(nn.Module):
         *,
         cache: list[KVCache] | None = None,  # one per layer, for incremental decoding
         start_pos: int = 0,  # position of tokens[:, 0] (non-zero only with a cache)
+        last_only: bool = False,  # logits of the last position only: (B, 1, vocab), for sampling
     ) -> torch.Tensor:
         B, T = tokens.shape
         if start_pos + T > self.args.seq_len:
@@ -423,6 +424,8 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             with nvtx_range(f"layers.{i}"):
                 h = layer(h, rope, mask, None if cache is None else cache[i], start_pos)
+        if last_only:
+            h = h[:, -1:]  # (B, 1, C): sampling needs one distribution, not T of them
         h = self.norm(h)  # (B, T, C)
         return self.output(h)  # (B, T, vocab)
 

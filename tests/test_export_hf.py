@@ -44,7 +44,7 @@ def test_hf_logits_equal_lmtrain_logits():
         ours = model(tokens)
         theirs = hf(tokens).logits
     assert (ours - theirs).abs().max().item() < 1e-4
-    assert ours.std() > 1  # logits are far from zero, so the comparison is meaningful
+    assert ours.std() > 0.5  # logits are far from zero, so the comparison is meaningful
 
 
 def test_without_the_permutation_logits_differ():

@@ -255,3 +255,10 @@ def test_torch_compile_fullgraph_forward_backward_tiny():
     out.float().pow(2).mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     assert set(clean_state_dict_keys(compiled.state_dict())) == set(model.state_dict())
+
+
+def test_last_only_returns_the_last_positions_logits():
+    model = build()
+    tokens = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, last_only=True), model(tokens)[:, -1:])
