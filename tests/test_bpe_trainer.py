@@ -121,7 +121,15 @@ def test_stops_when_nothing_left_to_merge(tmp_path):
     assert len(vocab) == 258
 
 
-@pytest.mark.parametrize("specials", [[], ["<|endoftext|>"], ["<|endoftext|>", "<|endoftext|><|endoftext|>"]])
+@pytest.mark.parametrize(
+    "specials",
+    [
+        [],
+        ["<|endoftext|>"],
+        ["<|endoftext|>", "<|endoftext|><|endoftext|>"],
+        ["<|endoftext|>", "x<|endoftext|>"],
+    ],
+)
 def test_parallel_chunks_count_like_one_pass(tmp_path, monkeypatch, specials):
     # Small chunks and scan windows force many boundaries, including inside short windows.
     monkeypatch.setattr(trainer_mod, "_PARALLEL_MIN_BYTES", 0)
@@ -130,6 +138,7 @@ def test_parallel_chunks_count_like_one_pass(tmp_path, monkeypatch, specials):
     # Whitespace runs before a line start ("\n\n\nd", " \nd", "\t\nx") must not become chunk boundaries.
     docs = [
         f"def f{i}(x):\n    return x  +  {i}\n\n\ndef g(): \nx=1\t\nx\n  # naïve {i}\n" * (i % 4 + 1)
+        + "x" * (i % 2)  # "x<|endoftext|>" is a special token of its own in one case
         for i in range(80)
     ]
     sep = specials[0] if specials else ""
@@ -152,6 +161,32 @@ def test_parallel_chunks_count_like_one_pass(tmp_path, monkeypatch, specials):
         expected.update(PAT.findall(piece))
     assert trainer_mod.count_pretokens(path, specials, num_workers=2) == expected
     assert train_bpe(path, 300, specials, num_workers=2) == train_bpe(path, 300, specials, num_workers=1)
+
+
+def test_chunk_boundary_never_splits_a_special_token(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_mod, "_SCAN_BYTES", 16)
+    specials = [b"<|endoftext|>", b"x<|endoftext|>"]
+    data = b"ab x<|endoftext|>cd <|endoftext|>ef\n" * 10
+    path = tmp_path / "c.txt"
+    path.write_bytes(data)
+    spans = [(m.start(), m.end()) for m in regex.finditer(regex.escape(specials[1]), data)]
+    with open(path, "rb") as fh:
+        for start in range(len(data)):
+            b = trainer_mod._find_boundary(fh, start, len(data), specials)
+            assert b >= start
+            assert not any(s < b < e for s, e in spans), (start, b)
+            assert b == len(data) or any(data.startswith(sp, b) for sp in specials)
+
+
+def test_newline_boundary_only_between_visible_characters(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_mod, "_SCAN_BYTES", 16)
+    data = b"a  \nb\n\nc \nd\te\nf" * 5
+    path = tmp_path / "c.txt"
+    path.write_bytes(data)
+    with open(path, "rb") as fh:
+        for start in range(len(data)):
+            b = trainer_mod._find_boundary(fh, start, len(data), [])
+            assert b == len(data) or data[b - 2 : b + 1] == b"e\nf", (start, b)
 
 
 # ------------------------------------------------------------------------------------- bad input

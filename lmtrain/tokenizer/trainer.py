@@ -66,11 +66,27 @@ def _boundary_patterns(special_tokens: list[str]) -> list[bytes]:
     return [s.encode("utf-8") for s in special_tokens]
 
 
+def _inside_other_special(fh, p: int, special_bytes: list[bytes]) -> bool:
+    """Whether some special token occurrence starts before byte `p` and ends after it (e.g. `<a>` found
+    inside `x<a>`): a chunk boundary there would leave part of that special token as text."""
+    longest = max(len(t) for t in special_bytes)
+    lo = max(0, p - longest + 1)
+    fh.seek(lo)
+    around = fh.read(p - lo + longest)
+    for t in special_bytes:
+        for k in range(1, len(t)):
+            q = p - k - lo
+            if q >= 0 and around[q : q + len(t)] == t:
+                return True
+    return False
+
+
 def _find_boundary(fh, start: int, file_size: int, special_bytes: list[bytes]) -> int:
     """The first safe chunk boundary at or after `start` (file_size if none).
 
-    With special tokens: the start of a special token occurrence (splitting there changes nothing, the
-    text is cut there anyway). Without: the position after a lone b"\\n" between visible ASCII bytes.
+    With special tokens: the start of a special token occurrence that no other special token occurrence
+    spans (splitting there changes nothing, the text is cut there anyway). Without: the position after
+    a lone b"\\n" between visible ASCII bytes.
     """
     overlap = max((len(s) for s in special_bytes), default=3)
     pos = start
@@ -79,18 +95,21 @@ def _find_boundary(fh, start: int, file_size: int, special_bytes: list[bytes]) -
         window = fh.read(_SCAN_BYTES + overlap)
         if not window:
             break
-        best = -1
         if special_bytes:
-            for s in special_bytes:
-                i = window.find(s)
-                if i != -1 and (best == -1 or i < best):
-                    best = i
+            # Candidates in increasing order: the next occurrence of each special token.
+            nexts = {s: window.find(s) for s in special_bytes}
+            while True:
+                live = [(i, s) for s, i in nexts.items() if 0 <= i <= _SCAN_BYTES]
+                if not live:
+                    break
+                i, s = min(live)
+                if not _inside_other_special(fh, pos + i, special_bytes):
+                    return pos + i
+                nexts[s] = window.find(s, i + 1)
         else:
             m = _NEWLINE_CUT.search(window)
-            if m is not None:
-                best = m.start() + 2
-        if best != -1 and best < _SCAN_BYTES + 1:
-            return pos + best
+            if m is not None and m.start() + 2 <= _SCAN_BYTES:
+                return pos + m.start() + 2
         pos += _SCAN_BYTES
     return file_size
 
