@@ -150,7 +150,10 @@ def prepare(
         warnings += edfmod.environment_path_warnings(edf_path or "")
     train = resolved_train_config(exp, run_dir, cwd)
     warnings += list(plan.warnings)
-    warnings += _dataset_warnings(train, edf_data, cluster)
+    problems = _dataset_problems(train, edf_data)
+    if problems and not dry_run:
+        raise UserError("; ".join(problems))
+    warnings += problems
     return PreparedRun(exp, cluster, plan, train, edf_data, edf_src, render_sbatch(plan), warnings, writable)
 
 
@@ -160,10 +163,12 @@ def _account_hint(cluster: ClusterProfile) -> str:
     return f"no account: {account_error(cluster)}"
 
 
-def _dataset_warnings(train: TrainConfig, edf: dict | None, cluster: ClusterProfile) -> list[str]:
+def _dataset_problems(train: TrainConfig, edf: dict | None) -> list[str]:
+    """What is visibly wrong with data.dataset from here (the login node sees the shared filesystems)."""
     ds = train.data.dataset
     out = []
-    is_file_like = ds.endswith(_DATA_SUFFIXES)
+    if "://" in ds:
+        return out
     if edf is not None:
         if not os.path.isabs(ds):
             out.append(
@@ -171,11 +176,14 @@ def _dataset_warnings(train: TrainConfig, edf: dict | None, cluster: ClusterProf
             )
         elif not edfmod.path_is_mounted(ds, edf):
             out.append(f"data.dataset = {ds!r} is not under a mount of the container environment file")
-        if os.path.isabs(ds) and not is_file_like and "." in Path(ds).name:
+        if os.path.isabs(ds) and not ds.endswith(_DATA_SUFFIXES) and "." in Path(ds).name:
             out.append(f"data.dataset = {ds!r}: expected a directory or a .parquet/.jsonl/.bin file")
-    elif not Path(ds).exists():
+    top = Path(ds).parts[:2] if os.path.isabs(ds) else ()
+    visible = edf is None or (len(top) == 2 and Path(*top).exists())  # e.g. /capstor is mounted here
+    if visible and not Path(ds).exists():
         out.append(
-            f"data.dataset = {ds!r} does not exist here (build it with `lmtrain prepare ...` or set data.dataset)"
+            f"data.dataset = {ds!r} does not exist (build the embedded corpus with `lmtrain prepare --source "
+            "stdlib --out data/stdlib --tokenizer bpe:8192`, or set data.dataset=PATH)"
         )
     return out
 

@@ -381,9 +381,25 @@ def test_slurm_unreachable_says_how_to_check(tmp_path):
         "LMTRAIN_JOBS_INDEX": str(tmp_path / "i"),
     }
     out = subprocess.run(
-        [sys.executable, "-m", "jobs.submit", "--exp", "smoke", "--cluster", "local", f"job.output_root={tmp_path}"],
+        [sys.executable, "-m", "jobs.submit", "--exp", "smoke", "--cluster", "local", f"job.output_root={tmp_path}",
+         f"data.dataset={tmp_path}"],
         cwd=REPO, capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert out.returncode == 2
     assert "Slurm is not reachable" in out.stderr and "sinfo" in out.stderr
     assert not (tmp_path / "i").exists()
+
+
+def test_missing_local_dataset_is_an_error_on_submit_and_a_warning_on_dry_run(tmp_path):
+    over = [f"data.dataset={tmp_path}/no-corpus", f"job.output_root={tmp_path}"]
+    with pytest.raises(UserError, match=r"data.dataset = .*no-corpus' does not exist.*lmtrain prepare"):
+        prepare("smoke", "local", over)
+    run = prepare("smoke", "local", over, dry_run=True)
+    assert any("does not exist" in w for w in run.warnings)
+
+
+def test_dataset_outside_the_container_mounts_is_flagged():
+    run = prepare(
+        "fused", "clariden", ["data.dataset=/scratch/x.parquet"], environ=ENV, dry_run=True, run_dir="/r"
+    )
+    assert any("not under a mount" in w for w in run.warnings)

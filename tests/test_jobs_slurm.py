@@ -31,7 +31,9 @@ def jobs_index(tmp_path, monkeypatch):
 
 
 def local_run(tmp_path, overrides=()):
-    return prepare("smoke", "local", [f"job.output_root={tmp_path / 'runs'}", *overrides])
+    # The task is the step counter: the dataset only has to exist for the launcher's checks.
+    over = [f"job.output_root={tmp_path / 'runs'}", f"data.dataset={tmp_path}", *overrides]
+    return prepare("smoke", "local", over)
 
 
 def submit_counter(run, steps, dt):
@@ -162,7 +164,7 @@ def test_clariden_script_passes_sbatch_test_only(tmp_path):
 
 def test_submit_records_the_run(tmp_path):
     run = local_run(tmp_path)
-    job = submit(run)  # the real task command: fails fast without a corpus, which is fine here
+    job = submit(run)  # the real trainer on a directory that is no corpus: it fails, which is fine here
     entry = json.loads(Path(run.plan.run_dir, "job.json").read_text())
     assert entry["job_id"] == str(job.job_id) and entry["experiment"] == "smoke"
     index = [json.loads(line) for line in Path(tmp_path / "jobs.jsonl").read_text().splitlines()]
