@@ -9,8 +9,9 @@ the same training job with fused AdamW, torch.compile, sequence length 4096, and
 Sizes. `--size full` runs the experiments as written (Llama-3 8B on a GH200 node); that is the
 default with `--cluster clariden`. `--size cpu` (the default without `--cluster` and with
 `--cluster local`) keeps every experiment's switches (fused, compile, padded pipeline, the *ratio*
-of sequence lengths) but trains the `tiny` preset in fp32 on the embedded corpus for a few steps, with
-sequence lengths divided by 16 (2048 -> 128, 4096 -> 256). On a CPU this measures what the switches do
+of sequence lengths) but trains the `tiny` preset narrowed to dim 128 x 2 layers, in fp32, on the
+embedded corpus as bytes (data/stdlib-bytes, built by `make ablation`) for a few steps, with sequence
+lengths divided by 16 (2048 -> 128, 4096 -> 256). On a CPU this measures what the switches do
 to a CPU step: the optimizer's fused kernel, Inductor's generated C++ kernels, and the extra attention
 work of longer sequences. It says nothing about GPU speed-ups; only a `--size full` run on the cluster
 measures those.
@@ -73,6 +74,8 @@ def cpu_overrides(experiment: str, steps: int, dataset: str) -> list[str]:
     seq = max(8, train.data.sequence_length // SEQ_DIVISOR)
     return [
         "model.preset=tiny",
+        "model.dim=128",
+        "model.n_layers=2",
         "precision.model_dtype=fp32",
         f"data.dataset={dataset}",
         "data.tokenizer=",
@@ -297,7 +300,7 @@ def write_report(runs: list[SweepRun], out_dir: Path, size: str, log=print) -> P
     chart = out_dir / "throughput.png"
     compare_runs.plot(rows, chart)
     where = (
-        "CPU-sized runs (the `tiny` preset, fp32, sequence lengths / 16) on this machine's CPU: they measure "
+        "CPU-sized runs (the `tiny` preset at dim 128 x 2 layers, fp32, byte tokens, sequence lengths / 16) on this machine's CPU: they measure "
         "what each switch does to a CPU step, not GPU speed-ups"
         if size == "cpu"
         else "the experiments as written"
@@ -338,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--steps", type=int, help=f"training steps (default: {CPU_STEPS} with --size cpu)")
     p.add_argument(
-        "--dataset", default="data/stdlib", help="corpus of --size cpu runs (default: %(default)s)"
+        "--dataset", default="data/stdlib-bytes", help="corpus of --size cpu runs (default: %(default)s)"
     )
     p.add_argument("--out", help="sweep directory (default: runs/sweeps/<sweep>-<size>)")
     p.add_argument("--account", help="with --cluster: Slurm account")
@@ -362,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         if size == "cpu" and not Path(args.dataset).exists():
             raise UserError(
                 f"--dataset {args.dataset} does not exist: build it with "
-                f"`lmtrain prepare --source stdlib --out {args.dataset} --tokenizer bpe:8192`"
+                f"`lmtrain prepare --source stdlib --out {args.dataset} --tokenizer byte`"
             )
         if args.cluster:
             jobs = submit(runs, args.cluster, args.account)

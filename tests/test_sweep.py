@@ -27,6 +27,7 @@ def test_cpu_plan_keeps_each_switch_and_shrinks_the_size(tmp_path):
     cfgs = {r.experiment: sweep.resolved_config(r) for r in runs}
     for name, cfg in cfgs.items():
         assert cfg.model.preset == "tiny" and cfg.precision.model_dtype == "fp32"
+        assert (cfg.model.dim, cfg.model.n_layers) == (128, 2)
         assert cfg.training.steps == 12 and cfg.training.device == "cpu"
         assert cfg.training.output_dir == str(tmp_path / name)
         assert cfg.data.pipeline == "padded"  # the course's pipeline, as in the experiments

@@ -499,7 +499,7 @@ def print_table(rows: list[VariantRow], baseline: str) -> None:
             "—" if r.variant == baseline else _fmt(r.delta, "+.4f"),
             _fmt(r.tokens_per_s, ",.0f"),
         )
-    Console().print(table)
+    Console(width=max(Console().width, 140)).print(table)
 
 
 def _atomic_write(path: Path, text: str) -> None:
