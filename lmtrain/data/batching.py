@@ -80,17 +80,17 @@ class BucketBatchSampler(Sampler[list[int]]):
                 f"BucketBatchSampler needs k >= 1 and batch_size >= 1, got k={k}, batch_size={batch_size}"
             )
         self.batch_size, self.k, self.seed, self.epoch = batch_size, k, seed, 0
-        table: dict[int, list[int]] = {}
-        for i, length in enumerate(lengths):
-            key = (min(max(int(length), 1), max_length) - 1) // k
-            bucket = table.get(key)
-            if bucket is None:
-                table[key] = bucket = []
-            bucket.append(i)
-        if not table:
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if lengths.size == 0:
             raise UserError("BucketBatchSampler got no lengths: the dataset is empty")
-        self.keys = sorted(table)
-        self.buckets = [np.asarray(table[key], dtype=np.int64) for key in self.keys]
+        key_type = np.uint16 if max_length <= 1 << 16 else np.int64  # 16-bit keys sort in linear time
+        keys = ((np.clip(lengths, 1, max_length) - 1) // k).astype(key_type)  # (n,) bucket of each index
+        # The hash table bucket -> indices, built in O(n): numpy's stable sort of 16-bit keys is a radix sort.
+        order = np.argsort(keys, kind="stable")
+        counts = np.bincount(keys, minlength=int(keys.max()) + 1)
+        table = dict(zip(range(len(counts)), np.split(order, np.cumsum(counts)[:-1])))
+        self.keys = [key for key, idx in table.items() if len(idx)]
+        self.buckets = [table[key].astype(np.int64) for key in self.keys]
         self.n = sum(len(b) for b in self.buckets)
         self.last_batch_ops = 0
 
