@@ -274,12 +274,15 @@ def _build_nvtx_tables(export: Export) -> bool:
             FROM {NVTX} AS e {joins}
             WHERE e.eventType IN {RANGE_TYPES} AND e."end" IS NOT NULL"""
     )
-    conn.execute(f"CREATE TEMP TABLE nv_op AS SELECT rowid AS id, * FROM nv WHERE {_OP_RANGE_SQL}")
-    conn.execute(f"CREATE TEMP TABLE nv_user AS SELECT rowid AS id, * FROM nv WHERE NOT {_OP_RANGE_SQL}")
+    conn.execute(
+        f'CREATE TEMP TABLE nv_op AS SELECT rowid AS id, tid, start, "end" FROM nv WHERE {_OP_RANGE_SQL}'
+    )
+    conn.execute(
+        f'CREATE TEMP TABLE nv_user AS SELECT rowid AS id, tid, start, "end", name FROM nv WHERE NOT {_OP_RANGE_SQL}'
+    )
     conn.execute(
         "CREATE TEMP TABLE nv_layer AS SELECT id, tid, start, \"end\", name FROM nv_user WHERE name GLOB 'layers.[0-9]*'"
     )
-    conn.execute("CREATE INDEX temp.nv_i ON nv (tid, start)")
     for t in ("nv_op", "nv_user", "nv_layer"):
         conn.execute(f"CREATE INDEX temp.{t}_i ON {t} (tid, start)")
     return True
@@ -297,6 +300,7 @@ def nvtx_summary(export: Export) -> list[dict]:
         )
     _build_nvtx_tables(export)
     conn = export.conn
+    conn.execute("CREATE INDEX temp.nv_i ON nv (tid, start)")
     rows = _dicts(
         conn.execute(
             """
@@ -341,14 +345,14 @@ def nvtx_summary(export: Export) -> list[dict]:
 def gemm_kernels(export: Export, range_shapes: dict[str, tuple[int, int, int, int]] | None = None) -> int:
     """Build temp table `ga`: one row per GEMM kernel with its ranges, FLOPs and minimum bytes.
 
-    Columns: kname, dur, op (emit_nvtx op name, base), user (innermost non-op range), layer, flops, bytes
+    Columns: nameId, dur, op_id, user_id, layer_id (rowids of temp table nv), flops, bytes
     (NULL when the shape is unknown). FLOPs come from the emit_nvtx `sizes` of the enclosing op range, else
     from `range_shapes[user range] = (batch, M, N, K)` once per range instance. Returns the GEMM count.
     """
     require_kernels(export)
     conn = export.conn
     col = kernel_name_column(export)
-    for t in ("gemm_ids", "g", "rt", "ga", "op_shapes", "range_shapes"):
+    for t in ("gemm_ids", "g", "rt", "ga", "ga0", "op_sz", "op_shapes", "range_shapes", "first_k"):
         conn.execute(f"DROP TABLE IF EXISTS temp.{t}")
 
     names = conn.execute(
@@ -388,23 +392,24 @@ def gemm_kernels(export: Export, range_shapes: dict[str, tuple[int, int, int, in
     same_process = "AND (r.tid >> 24) = (g.pid >> 24)" if pid != "NULL" else ""
     conn.execute(
         f"""CREATE TEMP TABLE ga0 AS
-            SELECT g.kid, g.nameId, g.start, g.dur, r.tid AS tid,
+            SELECT g.kid, g.nameId, g.start, g.dur,
                    {innermost("nv_op")} AS op_id, {innermost("nv_user")} AS user_id, {innermost("nv_layer")} AS layer_id
             FROM g LEFT JOIN rt AS r ON r.corr = g.corr {same_process}
             GROUP BY g.kid"""
     )
-    # Shapes: distinct emit_nvtx (op, sizes) strings are few; compute their cost once each in Python.
+    # The enclosing emit_nvtx op ranges: base name and `sizes = ...` text (few distinct values).
     conn.execute(
-        f"""CREATE TEMP TABLE ga1 AS
-            SELECT a.*, {_op_base_sql("o.name")} AS op, u.name AS user, l.name AS layer,
-                   CASE WHEN instr(o.name, 'sizes = ') > 0
-                        THEN substr(o.name, instr(o.name, 'sizes = ')) END AS sizes
-            FROM ga0 AS a LEFT JOIN nv_op AS o ON o.id = a.op_id LEFT JOIN nv_user AS u ON u.id = a.user_id
-                 LEFT JOIN nv_layer AS l ON l.id = a.layer_id"""
+        f"""CREATE TEMP TABLE op_sz AS
+            SELECT o.rowid AS id, {_op_base_sql("o.name")} AS op,
+                   CASE WHEN instr(o.name, 'sizes = ') > 0 THEN substr(o.name, instr(o.name, 'sizes = ')) END AS sizes
+            FROM nv AS o WHERE o.rowid IN (SELECT op_id FROM ga0)"""
     )
-    conn.execute("CREATE TEMP TABLE op_shapes (op TEXT, sizes TEXT, flops REAL, bytes REAL)")
+    conn.execute("CREATE INDEX temp.op_sz_i ON op_sz (id)")
+    conn.execute(
+        "CREATE TEMP TABLE op_shapes (op TEXT, sizes TEXT, flops REAL, bytes REAL, PRIMARY KEY (op, sizes))"
+    )
     for op, sizes_text in conn.execute(
-        "SELECT DISTINCT op, sizes FROM ga1 WHERE sizes IS NOT NULL"
+        "SELECT DISTINCT op, sizes FROM op_sz WHERE sizes IS NOT NULL"
     ).fetchall():
         sizes = parse_sizes(sizes_text)
         dims = gemm_dims(op, sizes) if sizes else None
@@ -414,46 +419,57 @@ def gemm_kernels(export: Export, range_shapes: dict[str, tuple[int, int, int, in
     for name, dims in (range_shapes or {}).items():
         conn.execute("INSERT INTO range_shapes VALUES (?, ?, ?)", (name, *gemm_cost(*dims)))
     # One op (or one user-range instance) may launch several GEMM kernels: its FLOPs count once, on the first.
+    conn.execute("CREATE TEMP TABLE first_k (kid INTEGER PRIMARY KEY)")
+    conn.execute(
+        """INSERT INTO first_k SELECT MIN(kid) FROM ga0 WHERE op_id IS NOT NULL GROUP BY op_id
+           UNION ALL SELECT MIN(kid) FROM ga0 WHERE op_id IS NULL AND user_id IS NOT NULL GROUP BY user_id"""
+    )
     conn.execute(
         """CREATE TEMP TABLE ga AS
-           SELECT s.value AS kname, a.dur AS dur, a.op AS op, a.user AS user, a.layer AS layer,
-                  CASE WHEN os.flops IS NOT NULL THEN
-                           CASE WHEN ROW_NUMBER() OVER (PARTITION BY a.op_id ORDER BY a.start) = 1 THEN os.flops ELSE 0 END
-                       WHEN rs.flops IS NOT NULL AND a.op_id IS NULL THEN
-                           CASE WHEN ROW_NUMBER() OVER (PARTITION BY a.user_id ORDER BY a.start) = 1 THEN rs.flops ELSE 0 END
-                  END AS flops,
-                  CASE WHEN os.flops IS NOT NULL THEN
-                           CASE WHEN ROW_NUMBER() OVER (PARTITION BY a.op_id ORDER BY a.start) = 1 THEN os.bytes ELSE 0 END
-                       WHEN rs.flops IS NOT NULL AND a.op_id IS NULL THEN
-                           CASE WHEN ROW_NUMBER() OVER (PARTITION BY a.user_id ORDER BY a.start) = 1 THEN rs.bytes ELSE 0 END
-                  END AS bytes
-           FROM ga1 AS a JOIN StringIds AS s ON s.id = a.nameId
-                LEFT JOIN op_shapes AS os ON os.op = a.op AND os.sizes = a.sizes
-                LEFT JOIN range_shapes AS rs ON rs.name = a.user"""
+           SELECT a.nameId, a.dur, a.op_id, a.user_id, a.layer_id,
+                  CASE WHEN os.flops IS NOT NULL OR (rs.flops IS NOT NULL AND a.op_id IS NULL) THEN
+                       CASE WHEN EXISTS (SELECT 1 FROM first_k AS f WHERE f.kid = a.kid)
+                            THEN COALESCE(os.flops, rs.flops) ELSE 0 END END AS flops,
+                  CASE WHEN os.flops IS NOT NULL OR (rs.flops IS NOT NULL AND a.op_id IS NULL) THEN
+                       CASE WHEN EXISTS (SELECT 1 FROM first_k AS f WHERE f.kid = a.kid)
+                            THEN COALESCE(os.bytes, rs.bytes) ELSE 0 END END AS bytes
+           FROM ga0 AS a LEFT JOIN op_sz AS z ON z.id = a.op_id
+                LEFT JOIN op_shapes AS os ON os.op = z.op AND os.sizes = z.sizes
+                LEFT JOIN nv_user AS u ON u.id = a.user_id AND a.op_id IS NULL
+                LEFT JOIN range_shapes AS rs ON rs.name = u.name"""
     )
     conn.execute("DROP TABLE temp.ga0")
-    conn.execute("DROP TABLE temp.ga1")
     return n_gemm
 
 
+# grouping -> (SQL key over `ga` joined with its names, joins)
 GROUPINGS = {
-    "kernel": "kname",
-    "range": "COALESCE(user, op, '(no NVTX range)')",
-    "layer": "COALESCE(layer, '(outside layers.N)')",
+    "kernel": "k.value",
+    "range": "COALESCE(u.name, z.op, '(no NVTX range)')",
+    "layer": "COALESCE(l.name, '(outside layers.N)')",
+}
+_GROUP_JOINS = {
+    "kernel": "JOIN StringIds AS k ON k.id = ga.nameId",
+    "range": "LEFT JOIN nv_user AS u ON u.id = ga.user_id LEFT JOIN op_sz AS z ON z.id = ga.op_id",
+    "layer": "LEFT JOIN nv_layer AS l ON l.id = ga.layer_id",
 }
 
 
 def gemm_groups(export: Export, by: str) -> list[dict]:
     """Grouped rows of the `ga` table built by gemm_kernels: count, time, and FLOPs/bytes where known."""
     key = GROUPINGS[by]
-    return _dicts(
-        export.conn.execute(
-            f"""SELECT {key} AS name, COUNT(*) AS count, SUM(dur) AS total_ns,
-                       SUM(flops) AS flops, SUM(bytes) AS bytes,
-                       SUM(CASE WHEN flops IS NOT NULL THEN dur END) AS shaped_ns
-                FROM ga GROUP BY {key} ORDER BY total_ns DESC, name"""
-        )
-    )
+    if by == "kernel":  # aggregate on integer ids first, then name them
+        sql = """SELECT k.value AS name, SUM(c) AS count, SUM(t) AS total_ns, SUM(f) AS flops, SUM(b) AS bytes,
+                        SUM(s) AS shaped_ns
+                 FROM (SELECT nameId, COUNT(*) AS c, SUM(dur) AS t, SUM(flops) AS f, SUM(bytes) AS b,
+                              SUM(CASE WHEN flops IS NOT NULL THEN dur END) AS s FROM ga GROUP BY nameId) AS g
+                      JOIN StringIds AS k ON k.id = g.nameId
+                 GROUP BY k.value ORDER BY total_ns DESC, name"""
+    else:
+        sql = f"""SELECT {key} AS name, COUNT(*) AS count, SUM(dur) AS total_ns, SUM(flops) AS flops,
+                         SUM(bytes) AS bytes, SUM(CASE WHEN flops IS NOT NULL THEN dur END) AS shaped_ns
+                  FROM ga {_GROUP_JOINS[by]} GROUP BY 1 ORDER BY total_ns DESC, name"""
+    return _dicts(export.conn.execute(sql))
 
 
 def _dicts(cursor: sqlite3.Cursor) -> list[dict]:
