@@ -19,6 +19,7 @@ Linear layers never have biases, in either setting, so that a switch isolates it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -30,6 +31,16 @@ import torch.nn.functional as F
 
 from lmtrain.errors import UserError
 from profiling.nvtx import nvtx_range
+
+
+def _range(name: str):
+    """An NVTX range (see `profiling.nvtx`; free unless enabled) around eager code. Inside torch.compile
+    there is none: a push/pop is a Python side effect that would break the graph fullgraph=True needs,
+    and the compiled kernels no longer map onto these modules anyway."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return nvtx_range(name)
+
 
 # --------------------------------------------------------------------------------------------------
 # Arguments and presets
@@ -273,11 +284,11 @@ class Attention(nn.Module):
         start_pos: int = 0,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        with nvtx_range("Attention/wq"):
+        with _range("Attention/wq"):
             q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
-        with nvtx_range("Attention/wk"):
+        with _range("Attention/wk"):
             k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
-        with nvtx_range("Attention/wv"):
+        with _range("Attention/wv"):
             v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         if self.use_rope:
             assert rope is not None
@@ -286,12 +297,12 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(start_pos, k, v)  # (B, Hkv, S, hd) with S = start_pos + T
         rep = self.n_heads // self.n_kv_heads
-        with nvtx_range("Attention/sdpa"):
+        with _range("Attention/sdpa"):
             out = F.scaled_dot_product_attention(
                 q, repeat_kv(k, rep), repeat_kv(v, rep), attn_mask=mask, is_causal=mask is None and T > 1
             )  # (B, H, T, hd)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)
-        with nvtx_range("Attention/wo"):
+        with _range("Attention/wo"):
             return self.wo(out)
 
 
@@ -310,11 +321,11 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-        with nvtx_range("FeedForward/w1"):
+        with _range("FeedForward/w1"):
             gate = F.silu(self.w1(x))  # (B, T, hidden)
-        with nvtx_range("FeedForward/w3"):
+        with _range("FeedForward/w3"):
             up = self.w3(x)  # (B, T, hidden)
-        with nvtx_range("FeedForward/w2"):
+        with _range("FeedForward/w2"):
             return self.w2(gate * up)
 
 
@@ -327,9 +338,9 @@ class GeluFeedForward(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-        with nvtx_range("FeedForward/w1"):
+        with _range("FeedForward/w1"):
             h = F.gelu(self.w1(x), approximate="tanh")  # (B, T, 4C)
-        with nvtx_range("FeedForward/w2"):
+        with _range("FeedForward/w2"):
             return self.w2(h)
 
 
@@ -422,7 +433,7 @@ class Transformer(nn.Module):
             rope = (self.freqs_cos[start_pos : start_pos + T], self.freqs_sin[start_pos : start_pos + T])
         mask = self._attention_mask(tokens, doc_ids, start_pos)
         for i, layer in enumerate(self.layers):
-            with nvtx_range(f"layers.{i}"):
+            with _range(f"layers.{i}"):
                 h = layer(h, rope, mask, None if cache is None else cache[i], start_pos)
         if last_only:
             h = h[:, -1:]  # (B, 1, C): sampling needs one distribution, not T of them

@@ -242,15 +242,45 @@ def test_clean_state_dict_keys():
     build(seed=1).load_state_dict(cleaned)
 
 
+def record_nvtx(monkeypatch) -> list[str]:
+    """Enable profiling.nvtx with a backend that records the names of the ranges it opens."""
+    import profiling.nvtx as nvtx
+
+    opened: list[str] = []
+    monkeypatch.setattr(nvtx, "_enabled", True)
+    monkeypatch.setattr(nvtx, "_push", opened.append)
+    monkeypatch.setattr(nvtx, "_pop", lambda: None)
+    return opened
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_nvtx_ranges_name_every_matmul(monkeypatch, mlp):
+    model = build(mlp=mlp)
+    opened = record_nvtx(monkeypatch)
+    model(torch.randint(0, 97, (1, 8)))
+    ffn = (
+        ["FeedForward/w1", "FeedForward/w3", "FeedForward/w2"]
+        if mlp == "swiglu"
+        else ["FeedForward/w1", "FeedForward/w2"]
+    )
+    per_layer = ["Attention/wq", "Attention/wk", "Attention/wv", "Attention/sdpa", "Attention/wo", *ffn]
+    assert opened == ["layers.0", *per_layer, "layers.1", *per_layer]
+
+
 @pytest.mark.slow
-def test_torch_compile_fullgraph_forward_backward_tiny():
+def test_torch_compile_fullgraph_forward_backward_tiny(monkeypatch):
+    """fullgraph=True: no graph break, also with NVTX ranges enabled (they are skipped while compiling)."""
+    opened = record_nvtx(monkeypatch)
     args = model_args_from_config(ModelConfig(preset="tiny"), vocab_size=128, seq_len=32)
     torch.manual_seed(0)
     model = Transformer(args)
     tokens = torch.randint(0, 128, (2, 32))
     eager = model(tokens)
+    assert opened, "eager forward opens ranges"
+    opened.clear()
     compiled = torch.compile(model, fullgraph=True)
     out = compiled(tokens)
+    assert opened == []
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
     out.float().pow(2).mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
