@@ -211,3 +211,13 @@ def test_failed_rebuild_keeps_the_previous_output(tmp_path):
         run("--source", tmp_path / "a.txt", "--out", out, "--tokenizer", tmp_path / "missing", "--force")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "o"]
+
+
+def test_refuses_to_replace_a_directory_it_did_not_write(tmp_path):
+    (tmp_path / "a.txt").write_text("one<|endoftext|>two")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.md").write_text("keep me")
+    with pytest.raises(UserError, match="was not written by `lmtrain prepare`"):
+        run("--source", tmp_path / "a.txt", "--out", tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.md").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "mine"]

@@ -357,6 +357,11 @@ def prepare(args: argparse.Namespace, progress: bool | None = None) -> dict:
         if previous.get("args") == recorded:
             previous["up_to_date"] = True
             return previous
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not meta_path.is_file())):
+        raise UserError(
+            f"--out {out} exists and was not written by `lmtrain prepare` (no prepare.json); it would be "
+            f"replaced, so choose another --out or remove it yourself"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp creates 0700; the corpus is meant to be shared
