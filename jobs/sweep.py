@@ -14,7 +14,9 @@ embedded corpus as bytes (data/stdlib-bytes, built by `make ablation`) for a few
 lengths divided by 16 (2048 -> 128, 4096 -> 256). On a CPU this measures what the switches do
 to a CPU step: the optimizer's fused kernel, Inductor's generated C++ kernels, and the extra attention
 work of longer sequences. It says nothing about GPU speed-ups; only a `--size full` run on the cluster
-measures those.
+measures those. On a shared or busy CPU run it with OMP_NUM_THREADS=1: a two-thread step whose second
+thread is descheduled waits at every parallel region (measured here under load: 12 s instead of
+0.35 s per step), which swamps the switches.
 
 Without `--cluster` the runs train here one after another; with `--cluster` each is submitted through
 the jobs launcher (`jobs/submit.py`, one Slurm job per experiment: their time limits differ) and
@@ -309,7 +311,8 @@ def write_report(runs: list[SweepRun], out_dir: Path, size: str, log=print) -> P
         f"# Sweep: {', '.join(r.experiment for r in runs)}",
         "",
         f"{where}. tokens/s is the mean over the logged windows after the first (which holds the warm-up "
-        "and compilation), ± their standard deviation. A run is called faster or slower only beyond ± twice "
+        f"and compilation), ± their standard deviation; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+        f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} when the report was written. A run is called faster or slower only beyond ± twice "
         "the standard error of its logged windows' tokens/s and the baseline's, and never within "
         f"±{MIN_BAND:.0%} (variation between runs, such as load from other processes, is not in those windows).",
         "",
