@@ -219,7 +219,8 @@ def test_not_utf8_reports_offset(tmp_path, monkeypatch, parallel):
         monkeypatch.setattr(trainer_mod, "_SCAN_BYTES", 32)
     good = ("hello world\n" * 100).encode()
     path = tmp_path / "latin1.txt"
-    path.write_bytes(good + "café".encode("latin-1") + good)
+    # Two bad bytes in different chunks: the first one in the file is reported.
+    path.write_bytes(good + "café".encode("latin-1") + good + b"\xff" + good)
     offset = len(good) + 3
     with pytest.raises(UserError, match=rf"latin1\.txt: not valid UTF-8 at byte offset {offset}\b"):
         train_bpe(path, 300, [], num_workers=2)

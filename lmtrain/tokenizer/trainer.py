@@ -184,14 +184,13 @@ def count_pretokens(
     ranges = _chunk_ranges(path, file_size, _boundary_patterns(special_tokens), workers)
     jobs = [(str(path), a, b, special_tokens) for a, b in ranges]
     total: Counter = Counter()
+    bad_spots: list[tuple[int, str]] = []
 
     def absorb(result) -> None:
         counts, bad, reason = result
         if counts is None:
-            raise UserError(
-                f"{path}: not valid UTF-8 at byte offset {bad} ({reason}); re-encode the file as UTF-8 "
-                f"(e.g. `iconv -f latin1 -t utf-8`) before training"
-            )
+            bad_spots.append((bad, reason))
+            return
         if not total:
             total.update(counts)  # the first counter is adopted wholesale
         else:
@@ -213,6 +212,13 @@ def count_pretokens(
                 for result in pool.imap_unordered(_count_chunk, jobs):
                     absorb(result)
                     progress.advance(task)
+    if bad_spots:
+        # Chunks finish in any order: report the first bad byte of the file, whichever chunk saw it.
+        bad, reason = min(bad_spots)
+        raise UserError(
+            f"{path}: not valid UTF-8 at byte offset {bad} ({reason}); re-encode the file as UTF-8 "
+            f"(e.g. `iconv -f latin1 -t utf-8`) before training"
+        )
     return total
 
 
