@@ -15,6 +15,11 @@ from pathlib import Path
 
 import pytest
 
+# One OpenMP thread per process: the suite runs on 2 cores and many tests start several processes
+# (gloo ranks, DataLoader workers, trainer subprocesses); torch's default of one thread per core then
+# oversubscribes the machine and small-model tests run many times slower. Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
