@@ -375,11 +375,9 @@ def test_invalid_edf_names_the_field(tmp_path):
 
 
 def test_slurm_unreachable_says_how_to_check(tmp_path):
-    env = {
-        **os.environ,
-        "SLURM_CONF": str(tmp_path / "missing.conf"),
-        "LMTRAIN_JOBS_INDEX": str(tmp_path / "i"),
-    }
+    # No Slurm commands on PATH (Python is called by its absolute path). A configured but dead controller
+    # gives the same message after sinfo's own timeout ("sinfo timed out" / "sinfo failed: ...").
+    env = {**os.environ, "PATH": str(tmp_path / "no-bin"), "LMTRAIN_JOBS_INDEX": str(tmp_path / "i")}
     out = subprocess.run(
         [sys.executable, "-m", "jobs.submit", "--exp", "smoke", "--cluster", "local", f"job.output_root={tmp_path}",
          f"data.dataset={tmp_path}"],
