@@ -172,3 +172,21 @@ def test_pretokenized_files_are_preferred_and_checked_against_the_tokenizer(tmp_
     other.save(str(tmp_path / "small.json"))
     with pytest.raises(UserError, match="vocabulary of 259"):
         build_dataloader(cfg_for(out), load_tokenizer(str(tmp_path / "small.json")), "train", seed=0)
+
+
+@pytest.mark.parametrize("pipeline", ["packed", "padded"])
+def test_jsonl_and_token_file_datasets(tmp_path, pipeline):
+    import json
+
+    from lmtrain.data.sources import write_token_file
+
+    texts = [f"line {i} " + "z" * (i % 11) for i in range(30)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    write_token_file(tmp_path / "t", [list(t.encode()) for t in texts], vocab_size=len(TOK))
+    for dataset in (tmp_path / "d.jsonl", tmp_path / "t.tokens.bin"):
+        loader = build_dataloader(cfg_for(dataset, pipeline=pipeline), TOK, "train", seed=0)
+        batch = next(iter(loader))
+        assert batch["input_ids"].shape == (2, 16)
+        text = TOK.decode(batch["input_ids"][0].tolist())
+        assert "line " in text
+        assert build_dataloader(cfg_for(dataset, pipeline=pipeline), TOK, "val", seed=0) is None
