@@ -13,11 +13,11 @@ from jobs.runs import newest_run
 from lmtrain.errors import UserError
 
 
-def log_files(run_dir: str | Path, rank: int = 0, err: bool = False) -> list[Path]:
-    """Task `rank`'s log of every job (requeues keep the id; arrays and resubmissions add more), oldest first."""
-    folder = Path(run_dir) / "submitit"
+def log_files(log_dir: str | Path, rank: int = 0, err: bool = False, job_id: str = "*") -> list[Path]:
+    """Task `rank`'s logs (requeues keep the job id; resubmissions add files), oldest first. A job array
+    shares one log folder: `job_id` (`ARRAY_TASK`) picks one run's files."""
     suffix = "err" if err else "out"
-    files = sorted(folder.glob(f"*_{rank}_log.{suffix}"), key=lambda p: p.stat().st_mtime)
+    files = sorted(Path(log_dir).glob(f"{job_id}_{rank}_log.{suffix}"), key=lambda p: p.stat().st_mtime)
     return files
 
 
@@ -30,11 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tail", type=int, default=200, help="last N lines (0: all)")
     parser.add_argument("--err", action="store_true", help="stderr instead of stdout")
     args = parser.parse_args(argv)
-    run_dir = args.run or newest_run(args.exp)["run_dir"]
-    files = log_files(run_dir, args.rank, args.err)
+    if args.run:
+        run_dir, log_dir, job_id = args.run, Path(args.run) / "submitit", "*"
+    else:
+        entry = newest_run(args.exp)
+        run_dir = entry["run_dir"]
+        log_dir = entry.get("log_dir") or f"{run_dir}/submitit"
+        job_id = entry["job_id"] if "_" in entry["job_id"] else "*"
+    files = log_files(log_dir, args.rank, args.err, job_id)
     if not files:
         raise UserError(
-            f"no logs of rank {args.rank} in {run_dir}/submitit yet: the job may still be pending (make status)"
+            f"no logs of rank {args.rank} of {run_dir} in {log_dir} yet: the job may still be pending (make status)"
         )
     for f in files:
         lines = f.read_text(errors="replace").splitlines()

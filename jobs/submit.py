@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import itertools
 import json
 import os
 import shlex
@@ -97,8 +98,12 @@ def prepare(
     dry_run: bool = False,
     which=shutil.which,
     run_dir: str | None = None,
+    shared_dir: str | None = None,
 ) -> PreparedRun:
-    """Resolve experiment + cluster + overrides into everything a submission needs (writes nothing)."""
+    """Resolve experiment + cluster + overrides into everything a submission needs (writes nothing).
+
+    `shared_dir`: for the runs of one job array, the directory holding their run directories; the
+    container environment file is then `shared_dir/env.toml`, common to all of them."""
     environ = os.environ if environ is None else environ
     cwd = cwd or os.getcwd()
     overrides = list(overrides or [])
@@ -138,7 +143,8 @@ def prepare(
             )
         warnings += edfmod.check_edf(src)
         edf_src = str(src)
-    edf_path = f"{run_dir}/env.toml" if edf_src else None
+    mount_dir = shared_dir or run_dir
+    edf_path = f"{mount_dir}/env.toml" if edf_src else None
     plan = make_plan(
         exp, cluster, run_dir, workdir, environ, edf_path, which=which,
         python=None if cluster.python else sys.executable, require_account=not dry_run,
@@ -146,7 +152,7 @@ def prepare(
     if cluster.account_required and not plan.account:
         warnings.append(str(_account_hint(cluster)))
     if edf_src:
-        edf_data = edfmod.render_edf(edfmod.read_edf(edf_src), run_dir, workdir, dict(plan.env))
+        edf_data = edfmod.render_edf(edfmod.read_edf(edf_src), mount_dir, workdir, dict(plan.env))
         warnings += edfmod.environment_path_warnings(edf_path or "")
     train = resolved_train_config(exp, run_dir, cwd)
     warnings += list(plan.warnings)
@@ -195,7 +201,9 @@ def write_run(run: PreparedRun) -> Path:
     (run_dir / "submitit").mkdir(parents=True, exist_ok=True)
     save_config(run.train, run_dir / "config.yaml")
     if run.edf is not None:
-        edfmod.write_edf(run.edf, run_dir / "env.toml")
+        assert plan.edf is not None
+        Path(plan.edf).parent.mkdir(parents=True, exist_ok=True)
+        edfmod.write_edf(run.edf, plan.edf)
     _atomic_write(run_dir / "job.sbatch", run.sbatch)
     task = {"command": list(plan.command), "max_num_timeout": plan.max_num_timeout, "grace_s": _grace(plan)}
     _atomic_write(run_dir / "task.json", json.dumps(task, indent=2) + "\n")
@@ -212,23 +220,26 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _record(run: PreparedRun, job_id: str) -> None:
+def _record(run: PreparedRun, job_id: str, log_dir: str | None = None) -> None:
     entry = {
         "job_id": job_id,
         "experiment": run.plan.experiment,
         "cluster": run.plan.cluster,
         "run_dir": run.plan.run_dir,
+        "log_dir": log_dir or run.plan.submitit_folder,
         "submitted": _dt.datetime.now().isoformat(timespec="seconds"),
     }
     _atomic_write(Path(run.plan.run_dir) / "job.json", json.dumps(entry, indent=2) + "\n")
     runs.record(entry)
 
 
-def make_executor(plan: JobPlan):
+def make_executor(plan: JobPlan, folder: str | None = None):
     import submitit
 
     executor = submitit.SlurmExecutor(
-        folder=plan.submitit_folder, max_num_timeout=plan.max_num_timeout, python=shlex.quote(plan.python)
+        folder=folder or plan.submitit_folder,
+        max_num_timeout=plan.max_num_timeout,
+        python=shlex.quote(plan.python),
     )
     executor.update_parameters(**plan.submitit_parameters())
     return executor
@@ -250,6 +261,87 @@ def submit(run: PreparedRun):
     job = executor.submit(TrainTask(run.plan.run_dir, list(run.plan.command), _grace(run.plan)))
     _record(run, str(job.job_id))
     return job
+
+
+# --------------------------------------------------------------------------------------------------
+# Job arrays: one run per combination of swept values
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_array(items: list[str]) -> list[list[str]]:
+    """`KEY=V1,V2` items -> the override lists of every combination (cartesian product)."""
+    axes = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        vals = [v for v in values.split(",") if v != ""]
+        if not sep or not key or not vals:
+            raise UserError(f"--array {item!r}: expected KEY=V1,V2,... (e.g. --array optim.lr=1e-4,3e-4)")
+        if key.startswith("job."):
+            raise UserError(f"--array {item!r}: the runs of one job array share their job.* settings")
+        axes.append([f"{key}={v}" for v in vals])
+    return [list(c) for c in itertools.product(*axes)]
+
+
+def prepare_array(
+    exp_name: str,
+    cluster_name: str,
+    overrides: list[str],
+    array: list[str],
+    account: str | None = None,
+    dry_run: bool = False,
+    now: _dt.datetime | None = None,
+) -> list[PreparedRun]:
+    """The runs of a job array: `<output_root>/<exp>/<timestamp>-array/NN-key=value/`, sharing one EDF."""
+    combos = parse_array(array)
+    probe = prepare(exp_name, cluster_name, [*overrides, *combos[0]], account, dry_run=True, now=now)
+    shared = f"{probe.plan.run_dir}-array"
+    runs = []
+    for i, combo in enumerate(combos):
+        label = ",".join(c.split(".", 1)[-1] for c in combo).replace("/", "_")
+        run_dir = f"{shared}/{i:02d}-{label}"
+        runs.append(
+            prepare(
+                exp_name,
+                cluster_name,
+                [*overrides, *combo],
+                account,
+                dry_run=dry_run,
+                run_dir=run_dir,
+                shared_dir=shared,
+            )  # fmt: skip
+        )
+    first = runs[0].plan.submitit_parameters()
+    for run in runs[1:]:
+        other = run.plan.submitit_parameters()
+        diff = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+        if diff:
+            raise UserError(f"the runs of a job array must share their job resources; these differ: {diff}")
+    return runs
+
+
+def submit_array(runs: list[PreparedRun]):
+    """Write every run directory and submit them as one Slurm job array (submitit `executor.batch()`)."""
+    from jobs.task import TrainTask
+
+    problem = slurm_problem()
+    if problem:
+        raise UserError(problem)
+    plan0 = runs[0].plan
+    if not plan0.account and runs[0].cluster.account_required:
+        from jobs.spec import account_error
+
+        raise account_error(runs[0].cluster)
+    for run in runs:
+        write_run(run)
+    folder = str(Path(plan0.run_dir).parent / "submitit")
+    executor = make_executor(plan0, folder=folder)
+    with executor.batch():
+        jobs = [
+            executor.submit(TrainTask(r.plan.run_dir, list(r.plan.command), _grace(r.plan))) for r in runs
+        ]
+    for run, job in zip(runs, jobs):
+        _record(run, str(job.job_id), log_dir=folder)
+    return jobs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,8 +437,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dry-run", action="store_true", help="print and check; submit nothing")
     parser.add_argument("--wait", action="store_true", help="wait for the job and print its summary")
+    parser.add_argument(
+        "--array", action="append", default=[], metavar="KEY=V1,V2",
+        help="one run per value (repeat for a grid), submitted as one Slurm job array",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
+    if args.array:
+        return _main_array(args)
     run = prepare(args.exp, args.cluster, args.overrides, args.account, dry_run=args.dry_run)
     if args.dry_run:
         if run.writable:
@@ -365,6 +463,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.wait:
         summary = job.results()[0]  # rank 0 returns the run's summary
         print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _main_array(args) -> int:
+    runs = prepare_array(
+        args.exp, args.cluster, args.overrides, args.array, args.account, dry_run=args.dry_run
+    )
+    if args.dry_run:
+        if runs[0].writable:
+            for run in runs:
+                write_run(run)
+        print_dry_run(runs[0])
+        print(f"job array of {len(runs)} runs (nothing submitted):")
+        for run in runs:
+            print(f"  {run.plan.run_dir}")
+        return 0
+    jobs = submit_array(runs)
+    for run, job in zip(runs, jobs):
+        print(f"submitted {job.job_id}: {run.plan.run_dir}")
+    if args.wait:
+        for job in jobs:
+            print(json.dumps(job.results()[0]))
     return 0
 
 

@@ -401,3 +401,35 @@ def test_dataset_outside_the_container_mounts_is_flagged():
         "fused", "clariden", ["data.dataset=/scratch/x.parquet"], environ=ENV, dry_run=True, run_dir="/r"
     )
     assert any("not under a mount" in w for w in run.warnings)
+
+
+def test_job_array_runs_share_resources_and_one_edf(tmp_path):
+    from jobs.submit import parse_array, prepare_array
+
+    assert parse_array(["optim.lr=1,2", "training.seed=3,4"]) == [
+        ["optim.lr=1", "training.seed=3"],
+        ["optim.lr=1", "training.seed=4"],
+        ["optim.lr=2", "training.seed=3"],
+        ["optim.lr=2", "training.seed=4"],
+    ]
+    runs = prepare_array(
+        "fused",
+        "clariden",
+        [f"job.output_root={tmp_path}"],
+        ["optim.lr=1e-4,2e-4"],
+        account="acct",
+        dry_run=True,
+    )
+    assert [r.train.optim.lr for r in runs] == [1e-4, 2e-4]
+    shared = str(Path(runs[0].plan.run_dir).parent)
+    assert shared.endswith("-array") and all(r.plan.edf == f"{shared}/env.toml" for r in runs)
+    assert f"{shared}:{shared}" in runs[0].edf["mounts"]
+    assert runs[0].train.training.output_dir != runs[1].train.training.output_dir
+
+
+@pytest.mark.parametrize("bad", ["optim.lr", "optim.lr=", "=1,2", "job.nodes=1,2"])
+def test_bad_array_specs(bad):
+    from jobs.submit import parse_array
+
+    with pytest.raises(UserError, match="--array"):
+        parse_array([bad])

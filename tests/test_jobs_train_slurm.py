@@ -105,3 +105,18 @@ def test_preempted_job_resumes_to_the_same_final_loss(tmp_path, corpus):
     assert summary["final_train_loss"] == pytest.approx(expected["final_train_loss"], rel=1e-6)
     logs = "".join(p.read_text() for p in Path(run.plan.run_dir, "submitit").glob("*_0_log.out"))
     assert "requeueing to resume" in logs and "(restart 1)" in logs
+
+
+def test_job_array_trains_one_run_per_value(tmp_path, corpus):
+    from jobs.logs import main as logs_main
+    from jobs.submit import prepare_array, submit_array
+
+    over = [f"job.output_root={tmp_path}", f"data.dataset={corpus}", "training.steps=2", *TINY]
+    runs = prepare_array("smoke", "local", over, ["optim.lr=1e-3,1e-2"])
+    jobs = submit_array(runs)
+    assert len({j.job_id.split("_")[0] for j in jobs}) == 1  # one Slurm array
+    summaries = [j.results()[0] for j in jobs]
+    assert [s["run_dir"] for s in summaries] == [r.plan.run_dir for r in runs]
+    assert all(s["steps"] == 2 and math.isfinite(s["final_train_loss"]) for s in summaries)
+    assert summaries[0]["final_train_loss"] != summaries[1]["final_train_loss"]  # the lr differs
+    assert logs_main(["--exp", "smoke"]) == 0  # the newest run's log, found in the array's log folder
