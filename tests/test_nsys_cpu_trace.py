@@ -27,14 +27,14 @@ def run_nsys(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
-def capture(tmp_path: Path, argv: list[str]) -> Path:
-    """nsys profile --trace=nvtx,osrt the command, export SQLite; return the .sqlite path."""
+def capture(tmp_path: Path, argv: list[str], trace: str = "nvtx,osrt") -> Path:
+    """nsys profile --trace=TRACE the command, export SQLite; return the .sqlite path."""
     rep = tmp_path / "trace"
     prof = run_nsys(
         [
             "nsys",
             "profile",
-            "--trace=nvtx,osrt",
+            f"--trace={trace}",
             "--sample=none",
             "--force-overwrite=true",
             "-o",
@@ -89,3 +89,47 @@ def test_profiling_hooks_under_nsys(tmp_path):
     by_name = check_ranges(sqlite, tmp_path, steps=3)
     # two layers, three steps: each FFN range once per layer per step
     assert by_name["FeedForward/w2"]["count"] == 2 * 3
+
+
+def write_corpus(out: Path) -> Path:
+    """A small real corpus: the start of some stdlib modules, as train/val parquet files."""
+    import sysconfig
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:24]
+    texts = [f.read_text(errors="replace")[:2000] for f in files]
+    pq.write_table(pa.table({"text": texts[:20]}), out / "train.parquet")
+    pq.write_table(pa.table({"text": texts[20:]}), out / "val.parquet")
+    return out
+
+
+def train_args(corpus: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        "--dataset", str(corpus), "--data.tokenizer", "byte",
+        "--model.preset", "tiny", "--model.dim", "32", "--model.n_layers", "2",
+        "--model.n_heads", "2", "--model.n_kv_heads", "1", "--model.multiple_of", "32",
+        "--sequence-length", "32", "--batch-size", "4", "--training-steps", str(steps),
+        "--precision.model_dtype", "fp32", "--logging.frequency", "1", "--logging.peak_tflops", "1",
+        "--logging.progress", "false", "--training.eval_batches", "1", "--checkpoint.interval", "0",
+        "--training.output_dir", str(out), *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_trainer_torch_profile_window(tmp_path):
+    from lmtrain.config import parse_args
+    from lmtrain.train import train
+
+    corpus = write_corpus(tmp_path / "corpus")
+    run_dir = tmp_path / "run"
+    cfg, _ = parse_args(train_args(corpus, run_dir, 4, "--profiling.torch_profile=true",
+                                   "--profiling.profile_step_start=2", "--profiling.profile_step_end=3"))  # fmt: skip
+    train(cfg)
+    summary = (run_dir / "torch_profile.md").read_text()
+    for phase in ("data-loader wait", "forward", "backward", "optimizer"):
+        assert f"| {phase} | 2 |" in summary
+    names = {e.get("name") for e in json.loads((run_dir / "torch_trace.json").read_text())["traceEvents"]}
+    assert "lmtrain/backward" in names
