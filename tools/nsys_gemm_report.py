@@ -79,6 +79,7 @@ def model_range_shapes(
     data = load_yaml_with_bases(config_path)
     if "model" not in data:  # a bare model section
         data = {"model": data}
+    data = {k: v for k, v in data.items() if k in ("model", "data")}  # experiment files carry more sections
     try:
         cfg = config_from_dict(data, source=str(config_path))
     except ConfigError as exc:
