@@ -58,7 +58,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 class LossScaler:
-    """No scaling: scale 1; still reports non-finite gradients so that the loop can skip the step."""
+    """No scaling (scale 1). It does not scan the gradients: without scaling, an inf/NaN gradient makes
+    the global gradient norm non-finite, which the clipping step detects anyway."""
+
+    checks_overflow = False
 
     def __init__(self, scale: float = 1.0):
         self.scale = float(scale)
@@ -69,6 +72,9 @@ class LossScaler:
     def unscale_(self, params: Iterable[torch.nn.Parameter]) -> bool:
         """Divide gradients by the scale in place; return True when any of them is inf/NaN."""
         grads = [p.grad for p in params if p.grad is not None]
+        if not self.checks_overflow:
+            assert self.scale == 1.0, "a scaled loss needs the overflow check of a scaler subclass"
+            return False
         found_inf = _found_non_finite(grads)
         if self.scale != 1.0 and grads:
             assert all(g.dtype == torch.float32 for g in grads), "loss scaling needs fp32 master gradients"
@@ -89,10 +95,14 @@ class LossScaler:
 class StaticLossScaler(LossScaler):
     """A fixed scale; steps with inf/NaN gradients are skipped and the scale stays."""
 
+    checks_overflow = True
+
 
 class DynamicLossScaler(LossScaler):
     """Back off by `backoff_factor` on a step with inf/NaN gradients (and skip it); grow by
     `growth_factor` after `growth_interval` consecutive clean steps."""
+
+    checks_overflow = True
 
     def __init__(
         self,
