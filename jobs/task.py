@@ -65,12 +65,10 @@ class TrainTask(submitit.helpers.Checkpointable):
         self.command = list(command)
         self.grace_s = float(grace_s)
         self._proc: subprocess.Popen | None = None
-        self._stopping = False
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_proc"] = None
-        state["_stopping"] = False
         return state
 
     def __call__(self) -> dict[str, Any] | None:
@@ -114,7 +112,6 @@ class TrainTask(submitit.helpers.Checkpointable):
         proc = self._proc
         if proc is None or proc.poll() is not None:
             return None if proc is None else proc.returncode
-        self._stopping = True
         try:
             proc.send_signal(STOP_SIGNAL)
         except ProcessLookupError:

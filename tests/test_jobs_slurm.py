@@ -7,6 +7,7 @@ trainer, no torch); tests/test_jobs_train_slurm.py runs the real trainer.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -170,6 +171,13 @@ def test_submit_records_the_run(tmp_path):
     index = [json.loads(line) for line in Path(tmp_path / "jobs.jsonl").read_text().splitlines()]
     assert index[-1]["run_dir"] == run.plan.run_dir
     cancel(str(job.job_id))
+    env = {**os.environ, "LMTRAIN_JOBS_INDEX": str(tmp_path / "jobs.jsonl")}
+    status = subprocess.run(
+        [sys.executable, "-m", "jobs.status"], cwd=REPO, capture_output=True, text=True, env=env
+    )
+    assert status.returncode == 0, status.stderr
+    line = next(x for x in status.stdout.splitlines() if x.strip().startswith(str(job.job_id)))
+    assert "smoke" in line and run.plan.run_dir in line and ("CANCELLED" in line or "FAILED" in line)
 
 
 @pytest.mark.slow
