@@ -263,6 +263,17 @@ def explain(run: Measured, base: Measured, singles: dict[str, float]) -> str:
                 if run.mfu and base.mfu:
                     text += f"; the measured MFU went {base.mfu:.2%} → {run.mfu:.2%}"
                 text += "."
+                predicted = 1 / f_ratio
+                if len(changes) > 1:
+                    pass  # the ratio mixes several changes; the product below compares them
+                elif ratio > predicted * (1 + band):
+                    text += (
+                        f" Measured {ratio:.2f}× instead: the hardware was used better, as each step's fixed "
+                        f"costs (optimizer update, Python and kernel-launch overhead) are spread over "
+                        f"{b / a:.1f}× the positions."
+                    )
+                elif ratio < predicted * (1 - band):
+                    text += f" Measured {ratio:.2f}× instead: the hardware was used less well at this length."
             text += (
                 f" Padding: {base.padding:.1%} → {run.padding:.1%} of the positions are padding (tokens/s "
                 "counts real tokens only)."
