@@ -101,12 +101,14 @@ def test_explanations_follow_the_numbers(tmp_path):
     assert "slower" in text and "Sequence length 128 → 256" in text
     assert "1.20× the FLOPs per position" in text and "would be 0.83×" in text
     assert "0.0% → 20.0% of the positions are padding" in text
+    assert "Measured 0.80× instead: the hardware was used less well" in text  # 0.83× predicted by FLOPs
 
     both = sweep.measure(
         write_run(tmp_path, "all", 1300, 1625, 0.02, steady, fused=True, compile=True, seq=256)
     )
     text = sweep.explain(both, base, singles)
     assert "1.00 × 1.50 × 0.80 = 1.20×; combined 1.30×" in text
+    assert "Measured" not in text  # a mixed ratio is not blamed on the sequence length
 
 
 def test_noise_band_comes_from_the_logged_windows(tmp_path):
