@@ -89,6 +89,9 @@ def open_export(path: str | Path) -> Export:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     except sqlite3.DatabaseError as exc:
         raise UserError(f"{path}: not a readable SQLite database ({exc})") from None
+    # Temp tables of a large capture do not fit SQLite's default 2 MB cache: keep them in memory.
+    conn.execute("PRAGMA temp_store = MEMORY")
+    conn.execute("PRAGMA cache_size = -262144")
     export = Export(path, conn, tables)
     markers = {"StringIds", KERNEL, RUNTIME, NVTX, "EXPORT_META_DATA", "META_DATA_EXPORT"}
     if "StringIds" not in tables or not (tables & (markers - {"StringIds"})):
@@ -384,9 +387,12 @@ def gemm_kernels(export: Export, range_shapes: dict[str, tuple[int, int, int, in
     _build_nvtx_tables(export)
 
     def innermost(table: str) -> str:
+        # Latest-starting range that encloses the launch call. The lower bound (the longest range of the
+        # table) keeps the backward index scan short when no range encloses the call.
+        longest = conn.execute(f'SELECT COALESCE(MAX("end" - start), 0) FROM {table}').fetchone()[0]
         return (
-            f'(SELECT x.id FROM {table} AS x WHERE x.tid = r.tid AND x.start <= r.start AND x."end" >= r."end" '
-            "ORDER BY x.start DESC LIMIT 1)"
+            f"(SELECT x.id FROM {table} AS x WHERE x.tid = r.tid AND x.start <= r.start AND x.start >= r.start - {int(longest)} "
+            'AND x."end" >= r."end" ORDER BY x.start DESC LIMIT 1)'
         )
 
     same_process = "AND (r.tid >> 24) = (g.pid >> 24)" if pid != "NULL" else ""

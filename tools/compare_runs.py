@@ -60,14 +60,19 @@ def compare(runs: list[Run], warmup: int) -> list[dict]:
     return rows
 
 
+def _sig(value: float | None) -> str:
+    """Three significant digits: CPU runs reach milli-TFLOP/s, GPUs hundreds."""
+    return "-" if value is None else f"{value:.3g}"
+
+
 def cells(row: dict) -> list[str]:
     return [
         row["run"],
         str(row["last_step"]),
         fmt(row["tokens_per_s"], 1),
         fmt(row["tokens_per_s_std"], 1),
-        fmt(row["tflops"], 3),
-        fmt(row["tflops_std"], 3),
+        _sig(row["tflops"]),
+        _sig(row["tflops_std"]),
         fmt(row["mfu_pct"], 2),
         fmt(row["mfu_pct_std"], 2),
         fmt(row["peak_mem_gib"], 2),
