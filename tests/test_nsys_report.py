@@ -270,3 +270,20 @@ def test_bad_numbers_and_missing_run_config(tmp_path, capsys):
 def test_nvtx_mode_without_nvtx_table(nsys_fixtures, capsys):
     rc, _, err = run([nsys_fixtures / "healthy_1pct.sqlite", "--nvtx"], capsys)
     assert rc == 2 and "NVTX_EVENTS" in err
+
+
+def test_model_config_file_with_extra_sections(tmp_path, capsys):
+    synth = write_export(
+        tmp_path / "s.sqlite", steps=1, n_layers=1, tokens=64, dim=256, hidden=768, with_sizes=False
+    )
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(yaml.safe_dump({"model": {"preset": "tiny"}, "data": {"sequence_length": 32, "batch_size": 2},
+                                   "job": {"nodes": 1}}))  # fmt: skip
+    rc, _, err = run([synth.path, "--model-config", exp, "--json", tmp_path / "r.json", "--quiet"], capsys)
+    assert rc == 0, err
+    ranges = {r["name"]: r for r in json.loads((tmp_path / "r.json").read_text())["groups"]["range"]}
+    assert ranges["FeedForward/w3"]["flops"] == pytest.approx(2 * 64 * 768 * 256)  # tiny: dim 256, SwiGLU 768
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {preset: nope}\n")
+    rc, _, err = run([synth.path, "--model-config", bad], capsys)
+    assert rc == 2 and "nope" in err
