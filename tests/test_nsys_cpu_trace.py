@@ -36,12 +36,14 @@ def capture(tmp_path: Path, argv: list[str], trace: str = "nvtx,osrt") -> Path:
             "profile",
             f"--trace={trace}",
             "--sample=none",
+            # Context-switch tracing makes nsys 2022.4 hang after the application exits on a busy host.
+            "--cpuctxsw=none",
             "--force-overwrite=true",
             "-o",
             str(rep),
             *argv,
         ],
-        timeout=240,
+        timeout=150,
     )
     assert prof.returncode == 0, prof.stdout[-2000:] + prof.stderr[-2000:]
     sqlite = tmp_path / "trace.sqlite"
@@ -116,6 +118,17 @@ def train_args(corpus: Path, out: Path, steps: int, *extra: str) -> list[str]:
         "--logging.progress", "false", "--training.eval_batches", "1", "--checkpoint.interval", "0",
         "--training.output_dir", str(out), *extra,
     ]  # fmt: skip
+
+
+@pytest.mark.nsys
+@pytest.mark.slow
+def test_trainer_under_nsys(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    argv = train_args(corpus, tmp_path / "run", 3, "--profiling.nvtx=true")
+    sqlite = capture(tmp_path, [sys.executable, "-m", "lmtrain.train", *argv])
+    by_name = check_ranges(sqlite, tmp_path, steps=3)
+    # the model's ranges also appear in the final evaluation, outside any step
+    assert by_name["layers.1"]["count"] >= 3 and by_name["optimizer"]["count"] == 3
 
 
 @pytest.mark.slow
