@@ -277,15 +277,16 @@ def _build_nvtx_tables(export: Export) -> bool:
             FROM {NVTX} AS e {joins}
             WHERE e.eventType IN {RANGE_TYPES} AND e."end" IS NOT NULL"""
     )
+    # Integer primary keys: the attribution joins back to these tables by range id.
+    cols = 'id INTEGER PRIMARY KEY, tid INTEGER, start INTEGER, "end" INTEGER'
+    conn.execute(f"CREATE TEMP TABLE nv_op ({cols})")
+    conn.execute(f'INSERT INTO nv_op SELECT rowid, tid, start, "end" FROM nv WHERE {_OP_RANGE_SQL}')
+    conn.execute(f"CREATE TEMP TABLE nv_user ({cols}, name TEXT)")
     conn.execute(
-        f'CREATE TEMP TABLE nv_op AS SELECT rowid AS id, tid, start, "end" FROM nv WHERE {_OP_RANGE_SQL}'
+        f'INSERT INTO nv_user SELECT rowid, tid, start, "end", name FROM nv WHERE NOT {_OP_RANGE_SQL}'
     )
-    conn.execute(
-        f'CREATE TEMP TABLE nv_user AS SELECT rowid AS id, tid, start, "end", name FROM nv WHERE NOT {_OP_RANGE_SQL}'
-    )
-    conn.execute(
-        "CREATE TEMP TABLE nv_layer AS SELECT id, tid, start, \"end\", name FROM nv_user WHERE name GLOB 'layers.[0-9]*'"
-    )
+    conn.execute(f"CREATE TEMP TABLE nv_layer ({cols}, name TEXT)")
+    conn.execute("INSERT INTO nv_layer SELECT * FROM nv_user WHERE name GLOB 'layers.[0-9]*'")
     for t in ("nv_op", "nv_user", "nv_layer"):
         conn.execute(f"CREATE INDEX temp.{t}_i ON {t} (tid, start)")
     return True
@@ -404,13 +405,13 @@ def gemm_kernels(export: Export, range_shapes: dict[str, tuple[int, int, int, in
             GROUP BY g.kid"""
     )
     # The enclosing emit_nvtx op ranges: base name and `sizes = ...` text (few distinct values).
+    conn.execute("CREATE TEMP TABLE op_sz (id INTEGER PRIMARY KEY, op TEXT, sizes TEXT)")
     conn.execute(
-        f"""CREATE TEMP TABLE op_sz AS
+        f"""INSERT INTO op_sz
             SELECT o.rowid AS id, {_op_base_sql("o.name")} AS op,
                    CASE WHEN instr(o.name, 'sizes = ') > 0 THEN substr(o.name, instr(o.name, 'sizes = ')) END AS sizes
             FROM nv AS o WHERE o.rowid IN (SELECT op_id FROM ga0)"""
     )
-    conn.execute("CREATE INDEX temp.op_sz_i ON op_sz (id)")
     conn.execute(
         "CREATE TEMP TABLE op_shapes (op TEXT, sizes TEXT, flops REAL, bytes REAL, PRIMARY KEY (op, sizes))"
     )
@@ -434,12 +435,10 @@ def gemm_kernels(export: Export, range_shapes: dict[str, tuple[int, int, int, in
         """CREATE TEMP TABLE ga AS
            SELECT a.nameId, a.dur, a.op_id, a.user_id, a.layer_id,
                   CASE WHEN os.flops IS NOT NULL OR (rs.flops IS NOT NULL AND a.op_id IS NULL) THEN
-                       CASE WHEN EXISTS (SELECT 1 FROM first_k AS f WHERE f.kid = a.kid)
-                            THEN COALESCE(os.flops, rs.flops) ELSE 0 END END AS flops,
+                       CASE WHEN f.kid IS NOT NULL THEN COALESCE(os.flops, rs.flops) ELSE 0 END END AS flops,
                   CASE WHEN os.flops IS NOT NULL OR (rs.flops IS NOT NULL AND a.op_id IS NULL) THEN
-                       CASE WHEN EXISTS (SELECT 1 FROM first_k AS f WHERE f.kid = a.kid)
-                            THEN COALESCE(os.bytes, rs.bytes) ELSE 0 END END AS bytes
-           FROM ga0 AS a LEFT JOIN op_sz AS z ON z.id = a.op_id
+                       CASE WHEN f.kid IS NOT NULL THEN COALESCE(os.bytes, rs.bytes) ELSE 0 END END AS bytes
+           FROM ga0 AS a LEFT JOIN first_k AS f ON f.kid = a.kid LEFT JOIN op_sz AS z ON z.id = a.op_id
                 LEFT JOIN op_shapes AS os ON os.op = z.op AND os.sizes = z.sizes
                 LEFT JOIN nv_user AS u ON u.id = a.user_id AND a.op_id IS NULL
                 LEFT JOIN range_shapes AS rs ON rs.name = u.name"""
