@@ -241,7 +241,7 @@ def print_gemm_report(report: dict, top: int | None) -> None:
 
 def gemm_markdown(report: dict) -> str:
     out = [
-        f"# GEMM report: {report['trace']}\n",
+        f"# GEMM report: {report['trace']}\n\n",
         f"nsys {report['nsys_version']}; {report['gemm_kernels']} GEMM kernels, "
         f"{report['gemm_time_ns'] / 1e6:.3f} ms of {report['all_kernel_time_ns'] / 1e6:.3f} ms kernel time. "
         f"Peaks {report['peak_tflops']:.0f} TFLOP/s and {report['peak_bandwidth'] / 1e12:.2f} TB/s "
