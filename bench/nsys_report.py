@@ -64,7 +64,7 @@ def naive_report(path: Path, sample: int) -> tuple[float, float, dict, int]:
             'SELECT globalTid, start, "end" FROM CUPTI_ACTIVITY_KIND_RUNTIME WHERE correlationId = ?', (corr,)
         ).fetchone()
         enclosing = conn.execute(
-            'SELECT text FROM NVTX_EVENTS WHERE globalTid = ? AND start <= ? AND "end" >= ? ORDER BY start DESC',
+            'SELECT text FROM NVTX_EVENTS WHERE globalTid = ? AND start <= ? AND "end" >= ? ORDER BY start DESC LIMIT 4',
             (tid, rs, re_),
         ).fetchall()
         user = next((t for (t,) in enclosing if ", op_id = " not in t), None)
