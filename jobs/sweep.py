@@ -367,9 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size or ("full" if args.cluster and args.cluster != "local" else "cpu")
     out_dir = Path(args.out) if args.out else Path("runs") / "sweeps" / f"{args.sweep}-{size}"
     runs = plan(args.sweep, out_dir, size, args.steps, args.dataset, args.overrides)
+    # Resolve every run's config first: a mistyped override is reported before anything else.
+    configs = [resolved_config(r) for r in runs]
     if args.dry_run:
-        for r in runs:
-            cfg = resolved_config(r)
+        for r, cfg in zip(runs, configs):
             print(
                 f"{r.experiment}: {r.run_dir} preset={cfg.model.preset} seq={cfg.data.sequence_length} "
                 f"fused={cfg.optim.fused} compile={cfg.training.compile} steps={cfg.training.steps}"
