@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import yaml
 
-from lmtrain.config import ConfigError, config_from_dict, config_to_dict, load_yaml_with_bases
+from lmtrain.config import ConfigError, config_from_dict, config_to_dict, flatten_keys, load_yaml_with_bases
 from lmtrain.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -294,23 +294,13 @@ def plan(
     return runs
 
 
-def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def config_mismatch(run: PlannedRun) -> list[str]:
     """Keys where the config saved in an existing run directory differs from the plan."""
     saved_path = run.run_dir / "config.yaml"
     if not saved_path.is_file():
         return []
     saved = config_to_dict(config_from_dict(yaml.safe_load(saved_path.read_text()) or {}, str(saved_path)))
-    a, b = _flatten(saved), _flatten(run.config)
+    a, b = flatten_keys(saved), flatten_keys(run.config)
     for flat in (a, b):  # the launcher pins a relative dataset to its absolute path
         if Path(flat["data.dataset"]).exists():
             flat["data.dataset"] = str(Path(flat["data.dataset"]).resolve())

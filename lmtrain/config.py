@@ -605,6 +605,17 @@ def config_from_dict(data: dict, source: str = "config") -> TrainConfig:
     return TrainConfig(**kwargs)
 
 
+def flatten_keys(data: dict, prefix: str = "") -> dict[str, Any]:
+    """`{"optim": {"lr": 1e-3}}` -> `{"optim.lr": 1e-3}`: the dotted keys the command line uses."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def config_to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 

@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import yaml
 
+from lmtrain.config import flatten_keys
 from lmtrain.errors import UserError
 
 DEFAULT_PROMPTS = ["def ", "import ", "The "]
@@ -103,16 +104,6 @@ def _pick(data: dict, *keys: str) -> float | None:
         if _finite(data.get(key)):
             return float(data[key])
     return None
-
-
-def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,7 +232,7 @@ def find_baseline(runs: list[Run], name: str) -> str:
 
 def switch_list(run: Run, baseline: Run) -> list[str]:
     """`section.field=value` for every config value where `run` differs from the baseline run."""
-    a, b = _flatten(run.config), _flatten(baseline.config)
+    a, b = flatten_keys(run.config), flatten_keys(baseline.config)
     return [
         f"{k}={a.get(k)}" for k in sorted(set(a) | set(b)) if k not in NOT_SWITCHES and a.get(k) != b.get(k)
     ]
