@@ -65,10 +65,12 @@ class TrainTask(submitit.helpers.Checkpointable):
         self.command = list(command)
         self.grace_s = float(grace_s)
         self._proc: subprocess.Popen | None = None
+        self._terminated = False
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_proc"] = None
+        state["_terminated"] = False
         return state
 
     def __call__(self) -> dict[str, Any] | None:
@@ -79,6 +81,9 @@ class TrainTask(submitit.helpers.Checkpointable):
             f"{' '.join(self.command)}",
             flush=True,
         )
+        # Remember a SIGTERM (otherwise ignored, as submitit does: the trainer handles it itself) so
+        # that a cancelled job is not mistaken for one to requeue.
+        signal.signal(signal.SIGTERM, self._on_sigterm)
         self._proc = subprocess.Popen(self.command)
         # Poll rather than wait(): a signal handler that runs meanwhile (checkpoint) must be able to reap
         # the child, and Popen.wait() holds a lock that would make it wait out its whole timeout.
@@ -87,6 +92,12 @@ class TrainTask(submitit.helpers.Checkpointable):
         return self._finish(rc)
 
     def _finish(self, rc: int) -> dict[str, Any] | None:
+        if rc == EXIT_REQUEUE and self._terminated:
+            # SIGTERM reached the task too: scancel, or the hard time limit after the requeue window.
+            # The trainer saved a checkpoint, but a cancelled job must stay cancelled; only the
+            # pre-timeout/preemption signal (STOP_SIGNAL) leads to a requeue.
+            print(f"lmtrain task: stopped by SIGTERM; the checkpoint in {self.run_dir} is kept", flush=True)
+            raise SystemExit(EXIT_REQUEUE)
         if rc == EXIT_REQUEUE:
             # The trainer saved a checkpoint and stopped without submitit having been signalled (the
             # trainer got SIGTERM at the time limit, or a signal meant only for it): take the same path
@@ -106,6 +117,9 @@ class TrainTask(submitit.helpers.Checkpointable):
                 f"(python -m jobs.logs --run {self.run_dir})"
             )
         return read_summary(self.run_dir)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        self._terminated = True
 
     def stop_child(self) -> int | None:
         """Ask the trainer to save and stop; wait for it (at most grace_s). Returns its exit code."""
