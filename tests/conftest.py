@@ -64,6 +64,22 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip(reason)
 
 
+@pytest.fixture(scope="session")
+def stdlib_corpus(tmp_path_factory) -> Path:
+    """A small real corpus: the first characters of 48 stdlib modules as train (40) and val (8) parquet."""
+    import sysconfig
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path_factory.mktemp("stdlib_corpus")
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:48]
+    texts = [f.read_text(errors="replace")[:3000] for f in files]
+    pq.write_table(pa.table({"text": texts[:40]}), out / "train.parquet")
+    pq.write_table(pa.table({"text": texts[40:]}), out / "val.parquet")
+    return out
+
+
 @pytest.fixture
 def shared_dir() -> Path:
     """../shared beside the checkout (notes, fixtures, scripts); skip where it is absent."""

@@ -8,11 +8,8 @@ import os
 import socket
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -161,20 +158,10 @@ def test_ddp_and_fsdp_match_one_process_with_the_same_global_batch(tmp_path):
 # ------------------------------------------------------------------------ end-to-end 2-process runs
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("corpus")
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:48]
-    texts = [f.read_text(errors="replace")[:3000] for f in files]
-    pq.write_table(pa.table({"text": texts[:40]}), out / "train.parquet")
-    pq.write_table(pa.table({"text": texts[40:]}), out / "val.parquet")
-    return out
-
-
-def launch(corpus: Path, out: Path, strategy: str, *extra: str, slurm: bool = False) -> None:
+def launch(stdlib_corpus: Path, out: Path, strategy: str, *extra: str, slurm: bool = False) -> None:
     """Two real processes on one host: torchrun-style variables, or Slurm's as `srun` sets them."""
     argv = [
-        "--dataset", str(corpus), "--data.tokenizer", "byte",
+        "--dataset", str(stdlib_corpus), "--data.tokenizer", "byte",
         "--model.preset", "tiny", "--model.dim", "32", "--model.n_layers", "2", "--model.n_heads", "2",
         "--model.n_kv_heads", "1", "--model.multiple_of", "32",
         "--sequence-length", "32", "--batch-size", "2", "--training-steps", "6",
@@ -218,11 +205,11 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_fsdp_run_under_slurm_variables_checkpoints_and_resumes(corpus, tmp_path):
+def test_fsdp_run_under_slurm_variables_checkpoints_and_resumes(stdlib_corpus, tmp_path):
     """`srun`-style launch of the real entry point with FSDP2; the checkpoint is the single-process
     format; resuming from its step-3 checkpoint in a fresh directory repeats steps 4-6 exactly."""
     fsdp, resumed = tmp_path / "fsdp", tmp_path / "resumed"
-    launch(corpus, fsdp, "fsdp", slurm=True)
+    launch(stdlib_corpus, fsdp, "fsdp", slurm=True)
     fsdp_losses = losses(fsdp)
     assert sorted(fsdp_losses) == list(range(1, 7))
     summary = json.loads((fsdp / "summary.json").read_text())
@@ -236,7 +223,7 @@ def test_fsdp_run_under_slurm_variables_checkpoints_and_resumes(corpus, tmp_path
     assert all(type(v) is torch.Tensor for v in state["model"].values())
     assert state["optimizer"]["state"].keys() == state["model"].keys()
     assert len(state["data_ranks"]) == 2
-    launch(corpus, resumed, "fsdp", "--checkpoint.resume", str(ckpt.checkpoint_path(fsdp, 3)))
+    launch(stdlib_corpus, resumed, "fsdp", "--checkpoint.resume", str(ckpt.checkpoint_path(fsdp, 3)))
     again = losses(resumed)
     assert sorted(again) == [4, 5, 6]
     for step in again:

@@ -7,12 +7,9 @@ import os
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -33,20 +30,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """A small real corpus: the first characters of stdlib modules, split into train and val parquet."""
-    out = tmp_path_factory.mktemp("corpus")
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:48]
-    texts = [f.read_text(errors="replace")[:3000] for f in files]
-    pq.write_table(pa.table({"text": texts[:40]}), out / "train.parquet")
-    pq.write_table(pa.table({"text": texts[40:]}), out / "val.parquet")
-    return out
-
-
-def tiny_args(corpus: Path, out: Path, steps: int = 12, *extra: str) -> list[str]:
+def tiny_args(stdlib_corpus: Path, out: Path, steps: int = 12, *extra: str) -> list[str]:
     return [
-        "--dataset", str(corpus), "--data.tokenizer", "byte",
+        "--dataset", str(stdlib_corpus), "--data.tokenizer", "byte",
         "--model.preset", "tiny", "--model.dim", "32", "--model.n_layers", "1",
         "--model.n_heads", "2", "--model.n_kv_heads", "1", "--model.multiple_of", "32",
         "--sequence-length", "32", "--batch-size", "4", "--training-steps", str(steps),
@@ -73,10 +59,10 @@ def run(argv: list[str]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory) -> Path:
+def reference(stdlib_corpus, tmp_path_factory) -> Path:
     """An uninterrupted 12-step run."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    summary = run(tiny_args(corpus, out))
+    summary = run(tiny_args(stdlib_corpus, out))
     assert summary["exit_reason"] == "completed"
     return out
 
@@ -133,11 +119,11 @@ def test_checkpoint_loads_for_inference(reference):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_reproduces_losses(corpus, reference, tmp_path):
+def test_resume_after_sigkill_reproduces_losses(stdlib_corpus, reference, tmp_path):
     """Kill -9 a run after its step-4 checkpoint, resume in place: the losses equal the uninterrupted run's.
     Evaluating every step slows the killed run down (evaluation does not change training)."""
     out = tmp_path / "run"
-    argv = tiny_args(corpus, out, 12, "--training.eval_interval", "1", "--training.eval_batches", "20")
+    argv = tiny_args(stdlib_corpus, out, 12, "--training.eval_interval", "1", "--training.eval_batches", "20")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "lmtrain.train", *argv], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
@@ -151,15 +137,15 @@ def test_resume_after_sigkill_reproduces_losses(corpus, reference, tmp_path):
     assert not (out / "summary.json").exists(), "the run finished before it was killed"
     killed_at = max(losses(out))
     assert 4 <= killed_at < 12
-    summary = run(tiny_args(corpus, out, 12, "--checkpoint.resume", "auto"))
+    summary = run(tiny_args(stdlib_corpus, out, 12, "--checkpoint.resume", "auto"))
     assert summary["resumed_from"] in (4, 8) and summary["steps"] == 12
     assert losses(out) == losses(reference)  # exact equality, step by step
 
 
 @pytest.mark.slow
-def test_signal_saves_and_exits_for_requeue(corpus, reference, tmp_path):
+def test_signal_saves_and_exits_for_requeue(stdlib_corpus, reference, tmp_path):
     out = tmp_path / "run"
-    argv = tiny_args(corpus, out, 12, "--training.eval_interval", "1", "--training.eval_batches", "20",
+    argv = tiny_args(stdlib_corpus, out, 12, "--training.eval_interval", "1", "--training.eval_batches", "20",
                      "--checkpoint.interval", "0")  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "lmtrain.train", *argv], cwd=REPO, env=env,
@@ -176,14 +162,16 @@ def test_signal_saves_and_exits_for_requeue(corpus, reference, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["exit_reason"] == "signal" and summary["steps"] < 12
     assert [s for s, _ in ckpt.find_checkpoints(out)] == [summary["steps"]]
-    resumed = run(tiny_args(corpus, out, 12, "--checkpoint.resume", "auto", "--checkpoint.interval", "0"))
+    resumed = run(
+        tiny_args(stdlib_corpus, out, 12, "--checkpoint.resume", "auto", "--checkpoint.interval", "0")
+    )
     assert resumed["resumed_from"] == summary["steps"] and resumed["exit_reason"] == "completed"
     assert losses(out) == losses(reference)
 
 
-def test_non_finite_loss_stops_after_max_bad_steps(corpus, tmp_path):
+def test_non_finite_loss_stops_after_max_bad_steps(stdlib_corpus, tmp_path):
     out = tmp_path / "run"
-    argv = tiny_args(corpus, out, 30, "--learning-rate", "1e25", "--grad-max-norm", "0",
+    argv = tiny_args(stdlib_corpus, out, 30, "--learning-rate", "1e25", "--grad-max-norm", "0",
                      "--lr-warmup-steps", "0", "--training.max_bad_steps", "3",
                      "--checkpoint.interval", "1")  # fmt: skip
     assert main(argv) == EXIT_DIVERGED
@@ -196,9 +184,9 @@ def test_non_finite_loss_stops_after_max_bad_steps(corpus, tmp_path):
     assert saved and max(saved) < bad[0]  # only good steps were checkpointed; the last good one is kept
 
 
-def test_fp16_autocast_with_dynamic_scaler(corpus, tmp_path):
+def test_fp16_autocast_with_dynamic_scaler(stdlib_corpus, tmp_path):
     out = tmp_path / "run"
-    argv = tiny_args(corpus, out, 4, "--precision.amp", "fp16", "--precision.growth_interval", "2",
+    argv = tiny_args(stdlib_corpus, out, 4, "--precision.amp", "fp16", "--precision.growth_interval", "2",
                      "--precision.init_scale", "8")  # fmt: skip
     summary = run(argv)
     assert summary["exit_reason"] == "completed"
@@ -210,9 +198,9 @@ def test_fp16_autocast_with_dynamic_scaler(corpus, tmp_path):
     assert all(v.dtype == torch.float32 for v in state["model"].values())  # fp32 master weights
 
 
-def test_bf16_model_dtype_keeps_bf16_states(corpus, tmp_path):
+def test_bf16_model_dtype_keeps_bf16_states(stdlib_corpus, tmp_path):
     out = tmp_path / "run"
-    run(tiny_args(corpus, out, 4, "--precision.model_dtype", "bf16"))
+    run(tiny_args(stdlib_corpus, out, 4, "--precision.model_dtype", "bf16"))
     state = torch.load(ckpt.checkpoint_path(out, 4), weights_only=True)
     assert all(v.dtype == torch.bfloat16 for v in state["model"].values())
     moments = [s["exp_avg"] for s in state["optimizer"]["state"].values()]
@@ -246,27 +234,31 @@ def test_grad_accumulation_equals_one_big_batch():
         torch.testing.assert_close(pa_, pb)
 
 
-def test_unknown_signal_is_a_user_error(corpus, tmp_path):
+def test_unknown_signal_is_a_user_error(stdlib_corpus, tmp_path):
     with pytest.raises(UserError, match="checkpoint.signals"):
-        run(tiny_args(corpus, tmp_path / "run", 2, "--checkpoint.signals", "SIGNOPE"))
+        run(tiny_args(stdlib_corpus, tmp_path / "run", 2, "--checkpoint.signals", "SIGNOPE"))
 
 
-def test_missing_resume_path_is_a_user_error(corpus, tmp_path):
+def test_missing_resume_path_is_a_user_error(stdlib_corpus, tmp_path):
     with pytest.raises(UserError, match="checkpoint not found"):
-        run(tiny_args(corpus, tmp_path / "run", 2, "--checkpoint.resume", str(tmp_path / "none.pt")))
+        run(tiny_args(stdlib_corpus, tmp_path / "run", 2, "--checkpoint.resume", str(tmp_path / "none.pt")))
 
 
-def test_resume_with_another_model_is_a_user_error(corpus, reference, tmp_path):
+def test_resume_with_another_model_is_a_user_error(stdlib_corpus, reference, tmp_path):
     path = ckpt.checkpoint_path(reference, 12)
     with pytest.raises(UserError, match="written for model"):
-        run(tiny_args(corpus, tmp_path / "run", 2, "--model.dim", "64", "--checkpoint.resume", str(path)))
+        run(
+            tiny_args(
+                stdlib_corpus, tmp_path / "run", 2, "--model.dim", "64", "--checkpoint.resume", str(path)
+            )
+        )
 
 
-def test_cuda_device_without_cuda_is_a_user_error(corpus, tmp_path):
+def test_cuda_device_without_cuda_is_a_user_error(stdlib_corpus, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA is present")
     with pytest.raises(UserError, match="CUDA is not available"):
-        run(tiny_args(corpus, tmp_path / "run", 2, "--training.device", "cuda"))
+        run(tiny_args(stdlib_corpus, tmp_path / "run", 2, "--training.device", "cuda"))
 
 
 def test_module_runs_as_a_script():
