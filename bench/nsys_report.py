@@ -2,7 +2,8 @@
 """python bench/nsys_report.py [--kernels 1000000] [--sample 5000]
 
 Times the nsys GEMM report (SQL aggregation) on a synthetic export of about `--kernels` kernels (half of
-them GEMMs, each under layers.N > FeedForward/wN > emit_nvtx op ranges) against the 10 s target, and
+them GEMMs: forward ones under layers.N > FeedForward/wN > emit_nvtx op ranges, and twice as many
+backward ones on an autograd thread, under `MmBackward0, seq = N` ranges) against the 10 s target, and
 against a naive Python-loop baseline measured in the same run: every kernel row pulled into Python for
 the per-name totals, and one lookup query per GEMM kernel for its launch call and innermost NVTX ranges
 (timed on `--sample` GEMM kernels and extrapolated linearly to all of them).
@@ -22,19 +23,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from profiling import nsys_sqlite as ns  # noqa: E402
 from profiling.nsys_synth import write_export  # noqa: E402
+from tools import nsys_gemm_report as report  # noqa: E402
 
 TARGET_S = 10.0
 
 
 def sql_report(path: Path) -> tuple[float, dict]:
+    """The report exactly as `tools/nsys_gemm_report.py TRACE` computes it (without printing)."""
+    args = report.build_parser().parse_args([str(path)])
     t0 = time.perf_counter()
     export = ns.open_export(path)
-    totals = {r["name"]: (r["count"], r["total_ns"]) for r in ns.kernel_summary(export)}
-    n_gemm = ns.gemm_kernels(export)
-    groups = {by: ns.gemm_groups(export, by) for by in ns.GROUPINGS}
+    result = report.gemm_report(args, export)
     elapsed = time.perf_counter() - t0
     export.conn.close()
-    return elapsed, {"totals": totals, "gemm": n_gemm, "groups": groups}
+    totals = {r["name"]: (r["count"], r["total_ns"]) for r in ns.kernel_summary(ns.open_export(path))}
+    return elapsed, {"totals": totals, "gemm": result["gemm_kernels"], "groups": result["groups"]}
 
 
 def naive_report(path: Path, sample: int) -> tuple[float, float, dict, int]:
@@ -80,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample", type=int, default=5_000)
     args = p.parse_args(argv)
     n_layers = 32
-    steps = max(1, round(args.kernels / (n_layers * 3 * 2)))
+    steps = max(1, round(args.kernels / (n_layers * 3 * 3 * 2)))  # 3 FFN GEMMs x (1 fwd + 2 bwd) x 2 kernels
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         synth = write_export(Path(tmp) / "bench.sqlite", steps=steps, n_layers=n_layers, tokens=4096, dim=4096,
-                             hidden=14336, with_sizes=True)  # fmt: skip
+                             hidden=14336, with_sizes=True, backward=True)  # fmt: skip
         print(f"synthetic export: {synth.kernels:,} kernels ({synth.gemm_kernels:,} GEMMs), "
               f"{synth.path.stat().st_size / 1e6:.0f} MB, built in {time.perf_counter() - t0:.1f} s")  # fmt: skip
         sql_s, sql = sql_report(synth.path)

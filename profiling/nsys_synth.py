@@ -5,8 +5,11 @@
 The export has the tables and columns the report reads (StringIds, META_DATA_EXPORT, TARGET_INFO_GPU,
 CUPTI_ACTIVITY_KIND_KERNEL/RUNTIME, NVTX_EVENTS) in the layout nsys writes: every kernel has a runtime
 launch call with the same correlationId in the same process, nested NVTX push/pop ranges on the launching
-thread (step > forward > layers.i > FeedForward/w1 > optional emit_nvtx op range > launch call). Each GEMM
-kernel lasts exactly its FLOPs / `gemm_tflops`, so the expected achieved rate is known.
+thread (step > forward > layers.i > FeedForward/w1 > optional emit_nvtx op range > launch call). With
+`backward=True`, each step also runs a backward pass on a second thread, as PyTorch's autograd thread does
+on a GPU: per forward GEMM a `MmBackward0, seq = N` Function range (N = the forward op's seq) holding the
+two gradient GEMMs, each under its own `aten::mm` op range, and no user range. Each GEMM kernel lasts
+exactly its FLOPs / `gemm_tflops`, so the expected achieved rate is known.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 PID = 4242
 GLOBAL_PID = PID << 24
 MAIN_TID = GLOBAL_PID | 4242
+AUTOGRAD_TID = GLOBAL_PID | 4243
 GEMM_NAME = "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN"
 OTHER_NAME = "void at::native::vectorized_elementwise_kernel<(int)4, at::native::CUDAFunctor_add<float>>(int)"
 FFN_RANGES = ("FeedForward/w1", "FeedForward/w3", "FeedForward/w2")
@@ -41,6 +45,7 @@ def write_export(
     dim: int = 512,
     hidden: int = 1536,
     with_sizes: bool = True,
+    backward: bool = False,
     gemm_tflops: float = 500.0,
     extra_kernels_per_gemm: int = 1,
     device_name: str | None = "NVIDIA H100 80GB HBM3",
@@ -87,10 +92,10 @@ def write_export(
     op_id = 0
     n_gemm = 0
 
-    def launch(name_id: int, dur: int) -> None:
+    def launch(name_id: int, dur: int, tid: int = MAIN_TID) -> None:
         nonlocal t, gpu, corr
         corr += 1
-        runtime.append((t, t + 2_000, 0, MAIN_TID, corr, strings["cudaLaunchKernel"], 0))
+        runtime.append((t, t + 2_000, 0, tid, corr, strings["cudaLaunchKernel"], 0))
         gpu = max(gpu, t + 5_000)
         kernels.append(
             (gpu, gpu + dur, 0, 1, 7, corr, GLOBAL_PID, name_id, strings["Kernel"], 1, 132, 1, 384, 1, 1)
@@ -98,9 +103,9 @@ def write_export(
         gpu += dur + 1_000
         t += 3_000
 
-    def push(name: str) -> int:
+    def push(name: str, tid: int = MAIN_TID) -> int:
         nonlocal t
-        nvtx.append([t, None, 59, None, name, MAIN_TID, None, 0])
+        nvtx.append([t, None, 59, None, name, tid, None, 0])
         t += 500
         return len(nvtx) - 1
 
@@ -109,27 +114,47 @@ def write_export(
         t += 500
         nvtx[index][1] = t
 
+    def gemm(m: int, n: int, k: int, op: str | None, tid: int = MAIN_TID) -> None:
+        nonlocal op_id, n_gemm
+        o = None
+        if op is not None:
+            op_id += 1
+            sizes = f", sizes = [[{m}, {k}], [{k}, {n}]]" if with_sizes else ""
+            o = push(f"{op}, op_id = {op_id}{sizes}", tid)
+        launch(strings[GEMM_NAME], round(2 * m * n * k / (gemm_tflops * 1e3)), tid)
+        n_gemm += 1
+        if o is not None:
+            pop(o)
+        for _ in range(extra_kernels_per_gemm):
+            launch(strings[OTHER_NAME], 2_000, tid)
+
+    seq = 0
     for step in range(steps):
         s = push("step")
         f = push("forward")
+        forward_seqs = []  # (seq of the forward mm, its shape), in forward order
         for layer in range(n_layers):
             lr = push(f"layers.{layer}")
             for name in FFN_RANGES:
                 r = push(name)
                 _, m, n, k = shapes[name]
-                o = None
-                if with_sizes:
-                    op_id += 1
-                    o = push(f"aten::mm, seq = {op_id}, op_id = {op_id}, sizes = [[{m}, {k}], [{k}, {n}]]")
-                launch(strings[GEMM_NAME], round(2 * m * n * k / (gemm_tflops * 1e3)))
-                n_gemm += 1
-                if o is not None:
-                    pop(o)
-                for _ in range(extra_kernels_per_gemm):
-                    launch(strings[OTHER_NAME], 2_000)
+                seq += 1
+                emit_op = with_sizes or backward
+                gemm(m, n, k, f"aten::mm, seq = {seq}" if emit_op else None)
+                forward_seqs.append((seq, (m, n, k)))
                 pop(r)
             pop(lr)
         pop(f)
+        if backward:
+            b = push("backward")
+            for fwd_seq, (m, n, k) in reversed(forward_seqs):
+                op_id += 1
+                fn = push(f"MmBackward0, seq = {fwd_seq}, op_id = {op_id}", AUTOGRAD_TID)
+                # X (m, k) @ W (k, n): dX = dY (m, n) @ W^T (n, k); dW = X^T (k, m) @ dY (m, n).
+                gemm(m, k, n, "aten::mm, seq = 0", AUTOGRAD_TID)
+                gemm(k, n, m, "aten::mm, seq = 0", AUTOGRAD_TID)
+                pop(fn)
+            pop(b)
         pop(s)
         del step
     conn.executemany("INSERT INTO CUPTI_ACTIVITY_KIND_KERNEL VALUES (" + ",".join("?" * 15) + ")", kernels)

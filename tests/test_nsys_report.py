@@ -144,6 +144,76 @@ def test_emit_nvtx_shapes_give_flops_and_roofline(tmp_path, capsys):
     assert layers == {"layers.0": 6, "layers.1": 6}
 
 
+def test_backward_gemms_are_mapped_to_their_forward_range_through_seq(tmp_path, capsys):
+    # Backward runs on the autograd thread with no user range open; `MmBackward0, seq = N` ties each
+    # pair of gradient GEMMs to the forward op with seq N and so to its FeedForward/wN and layers.i.
+    synth = write_export(tmp_path / "s.sqlite", steps=2, n_layers=2, backward=True, gemm_tflops=500.0)
+    rc, _, err = run([synth.path, "--json", tmp_path / "r.json", "--quiet"], capsys)
+    assert rc == 0, err
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["gemm_kernels"] == synth.gemm_kernels == 2 * 2 * 3 * 3
+    ranges = {r["name"]: r for r in data["groups"]["range"]}
+    assert set(ranges) == set(synth.ffn_shapes) | {f"{n} (backward)" for n in synth.ffn_shapes}
+    for name, (b, m, n, k) in synth.ffn_shapes.items():
+        forward, backward = ranges[name], ranges[f"{name} (backward)"]
+        assert (forward["count"], backward["count"]) == (4, 8)
+        assert (
+            backward["flops"] == pytest.approx(2 * forward["flops"]) == pytest.approx(8 * 2 * b * m * n * k)
+        )
+        assert backward["tflops"] == pytest.approx(500.0, rel=1e-3)
+    layers = {r["name"]: r["count"] for r in data["groups"]["layer"]}
+    assert layers == {"layers.0": 18, "layers.1": 18}
+
+
+def test_backward_seq_maps_to_the_latest_forward_op_before_it(tmp_path):
+    # The seq counter is per thread: with backward on the forward thread (CPU), the ops of step k's
+    # backward carry the seq that step k+1's first forward op gets. The mapping must pick the forward op
+    # that ran last before the backward Function, in the same process.
+    path = tmp_path / "seq.sqlite"
+    write_export(path, steps=0)
+    conn = sqlite3.connect(path)
+    tid = 1 << 24 | 7
+    events = [  # (start, end, text)
+        (100, 900, "FeedForward/w1"), (110, 890, "aten::mm, seq = 5, op_id = 1, sizes = [[4, 2], [2, 8]]"),
+        (1000, 1900, "FeedForward/w2"), (1010, 1890, "aten::mm, seq = 6, op_id = 2, sizes = [[4, 8], [8, 2]]"),
+        (2000, 2900, "MmBackward0, seq = 6, op_id = 3"), (2010, 2890, "aten::mm, seq = 7, op_id = 4"),
+        (3000, 3900, "MmBackward0, seq = 5, op_id = 5"), (3010, 3890, "aten::mm, seq = 7, op_id = 6"),
+        (4000, 4900, "FeedForward/w1"), (4010, 4890, "aten::mm, seq = 7, op_id = 7"),
+        (5000, 5900, "MmBackward0, seq = 7, op_id = 8"), (5010, 5890, "aten::mm, seq = 8, op_id = 9"),
+    ]  # fmt: skip
+    conn.executemany(
+        'INSERT INTO NVTX_EVENTS (start, "end", eventType, text, globalTid) VALUES (?, ?, 59, ?, ?)',
+        [(s, e, text, tid) for s, e, text in events],
+    )
+    launches = [
+        (120, "fwd w1"),
+        (1020, "fwd w2"),
+        (2020, "bwd w2"),
+        (3020, "bwd w1"),
+        (4020, "next w1"),
+        (5020, "next bwd w1: seq 7 also marks backward ops before, the forward op is the latest"),
+    ]
+    for corr, (start, _) in enumerate(launches, 1):
+        conn.execute(
+            "INSERT INTO CUPTI_ACTIVITY_KIND_RUNTIME VALUES (?, ?, 0, ?, ?, 3, 0)",
+            (start, start + 5, tid, corr),
+        )
+        conn.execute(
+            "INSERT INTO CUPTI_ACTIVITY_KIND_KERNEL (start, \"end\", correlationId, globalPid, demangledName, "
+            "shortName) VALUES (?, ?, ?, ?, 1, 4)", (start + 10, start + 10 + corr * 100, corr, 1 << 24)
+        )  # fmt: skip
+    conn.commit()
+    export = ns.open_export(path)
+    ns.gemm_kernels(export)
+    ranges = {r["name"]: r["total_ns"] for r in ns.gemm_groups(export, "range")}
+    assert ranges == {
+        "FeedForward/w1": 100 + 500,
+        "FeedForward/w2": 200,
+        "FeedForward/w2 (backward)": 300,
+        "FeedForward/w1 (backward)": 400 + 600,
+    }
+
+
 def test_model_config_shapes_without_emit_nvtx(tmp_path, capsys):
     synth = write_export(tmp_path / "s.sqlite", steps=1, n_layers=2, tokens=2048, dim=256, hidden=768,
                          with_sizes=False)  # fmt: skip
@@ -165,6 +235,21 @@ def test_model_config_shapes_without_emit_nvtx(tmp_path, capsys):
     assert ranges["FeedForward/w2"]["flops"] == pytest.approx(2 * 2 * 2048 * 256 * 768)
     assert ranges["FeedForward/w1"]["tflops"] == pytest.approx(500.0, rel=1e-3)
     assert "model config" in data["shapes_source"]
+
+
+def test_sdpa_math_path_flops_from_the_model_config(tmp_path):
+    cfg = {"model": {"preset": "tiny", "dim": 256, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 256},
+           "data": {"sequence_length": 1024, "batch_size": 2}}  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    shapes, _ = report.model_range_shapes(tmp_path / "config.yaml", None)
+    batch, m, n, k = shapes["Attention/sdpa"]
+    flops, nbytes = ns.gemm_cost(batch, m, n, k)
+    # Q K^T and P V for 2 sequences x 4 heads of 1024 tokens with head_dim 64, 2 bytes per element.
+    assert flops == 2 * 4 * (2 * 1024 * 1024 * 64 + 2 * 1024 * 64 * 1024)
+    assert nbytes == 2 * 4 * 2 * (
+        (1024 * 64 + 64 * 1024 + 1024 * 1024) + (1024 * 1024 + 1024 * 64 + 1024 * 64)
+    )
+    assert report.model_range_shapes(tmp_path / "config.yaml", 4096)[0]["Attention/sdpa"][0] == 2 * 4 * 4
 
 
 def test_gemm_dims_of_aten_ops():

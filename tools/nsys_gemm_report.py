@@ -18,6 +18,7 @@ captured with `--trace=nvtx,osrt`) gets the NVTX range summary instead (also for
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import io
 import json
@@ -87,8 +88,10 @@ def model_range_shapes(
     margs = model_args_from_config(
         cfg.model, vocab_size=cfg.model.vocab_size or 1, seq_len=cfg.model.seq_len or cfg.data.sequence_length
     )
-    t = tokens if tokens is not None else cfg.data.batch_size * cfg.data.sequence_length
+    seq = cfg.data.sequence_length
+    t = tokens if tokens is not None else cfg.data.batch_size * seq
     d, hd, hidden = margs.dim, margs.head_dim, margs.ffn_hidden_dim
+    sequences = max(1, t // seq)
     shapes = {
         "Attention/wq": (1, t, margs.n_heads * hd, d),
         "Attention/wk": (1, t, margs.n_kv_heads * hd, d),
@@ -99,6 +102,10 @@ def model_range_shapes(
     }
     if margs.mlp == "swiglu":
         shapes["FeedForward/w3"] = (1, t, hidden, d)
+    # SDPA's math path (the only one whose kernels are GEMMs; flash kernels are not counted): per sequence
+    # and head, Q K^T (T x hd @ hd x T) and P V (T x T @ T x hd), the same FLOPs and minimum bytes as
+    # 2 x heads x sequences GEMMs of T x T x hd. Causal masking skips no work on that path.
+    shapes["Attention/sdpa"] = (2 * sequences * margs.n_heads, seq, seq, hd)
     desc = f"{config_path}: dim={d}, ffn={hidden}, heads={margs.n_heads}/{margs.n_kv_heads}, tokens/call={t}"
     return shapes, desc
 
@@ -132,6 +139,14 @@ def derive(row: dict, peak_flops: float, bandwidth: float, total_ns: float) -> d
     return out
 
 
+def _kernel_totals(path: Path) -> list[dict]:
+    export = ns.open_export(path)
+    try:
+        return ns.kernel_summary(export)
+    finally:
+        export.conn.close()
+
+
 def gemm_report(args, export: ns.Export) -> dict:
     range_shapes, shapes_source = {}, "emit_nvtx shape annotations only"
     config = None
@@ -145,8 +160,12 @@ def gemm_report(args, export: ns.Export) -> dict:
         range_shapes, desc = model_range_shapes(config, args.tokens)
         shapes_source = f"emit_nvtx shape annotations, else the model config ({desc})"
     peak_flops, bandwidth, peak_source = resolve_peaks(args, export)
-    n_gemm = ns.gemm_kernels(export, range_shapes)
-    all_kernels = ns.kernel_summary(export)
+    # The per-name totals of all kernels need none of the GEMM tables: compute them on a second
+    # connection meanwhile (SQLite runs each connection's statements on the calling thread only).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        totals = pool.submit(_kernel_totals, export.path)
+        n_gemm = ns.gemm_kernels(export, range_shapes)
+        all_kernels = totals.result()
     if n_gemm == 0:
         top = "\n".join(
             f"  {r['total_ns'] / 1e6:10.3f} ms  {r['count']:6d}x  {r['name'][:100]}" for r in all_kernels[:10]
