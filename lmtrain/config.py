@@ -66,6 +66,11 @@ class DataConfig:
     shuffle: bool = True
     """Shuffle documents each epoch (seeded by training.seed)."""
 
+    interleave: int = 1
+    """Packed pipeline, training: read the stream in blocks of this many batches and give each batch rows
+    that lie this many samples apart, so that a small batch mixes documents instead of holding B
+    consecutive pieces of one (1: rows are consecutive samples)."""
+
     num_workers: int = 0
     """DataLoader worker processes."""
 
@@ -73,6 +78,7 @@ class DataConfig:
         _check_min(self, "sequence_length", 2)
         _check_min(self, "batch_size", 1)
         _check_min(self, "num_workers", 0)
+        _check_min(self, "interleave", 1)
 
 
 @dataclass

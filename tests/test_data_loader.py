@@ -56,11 +56,15 @@ def test_padded_labels_ignore_padding(tmp_path):
     assert (batch["input_ids"][:, 0] == TOK.bos_token_id).all()
 
 
-@pytest.mark.parametrize("pipeline", ["packed", "padded"])
+@pytest.mark.parametrize(
+    "pipeline, interleave",
+    [("packed", 1), ("packed", 3), ("padded", 1)],
+    ids=["packed", "packed-k3", "padded"],
+)
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_continues_with_the_exact_next_batch(tmp_path, pipeline, workers):
+def test_resume_continues_with_the_exact_next_batch(tmp_path, pipeline, interleave, workers):
     make_corpus(tmp_path)
-    cfg = cfg_for(tmp_path, pipeline=pipeline, num_workers=workers)
+    cfg = cfg_for(tmp_path, pipeline=pipeline, num_workers=workers, interleave=interleave)
     loader = build_dataloader(cfg, TOK, "train", seed=3)
     it = iter(loader)
     for _ in range(7):  # crosses an epoch boundary for the padded pipeline (20 batches/epoch) later
@@ -113,6 +117,9 @@ def test_state_of_other_pipeline_or_workers_is_refused(tmp_path):
     two = build_dataloader(cfg_for(tmp_path, num_workers=2), TOK, "train", seed=0)
     with pytest.raises(UserError, match="num_workers"):
         two.load_state_dict(packed.state_dict())
+    interleaved = build_dataloader(cfg_for(tmp_path, interleave=4), TOK, "train", seed=0)
+    with pytest.raises(UserError, match="data.interleave=1, this run has 4"):
+        interleaved.load_state_dict(packed.state_dict())
 
 
 def test_padded_ranks_get_disjoint_documents(tmp_path):

@@ -141,6 +141,53 @@ def test_resume_from_any_batch_reproduces_the_rest_of_the_stream(docs, T, stop, 
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    docs=docs_strategy, T=st.integers(2, 6), B=st.integers(1, 3), K=st.integers(2, 4), seed=st.integers(0, 3)
+)
+def test_interleaved_rows_are_the_same_samples_k_apart(docs, T, B, K, seed):
+    if sum(len(d) + 1 for d in docs) < K * B * T + 1:
+        return  # a block spans more than an epoch: covered by the error test
+    plain = packed(docs, sequence_length=T, batch_size=1, seed=seed, infinite=True)
+    samples = [b["input_ids"][0] for b, _ in zip(plain, range(3 * K * B))]  # the stream, sample by sample
+    mixed = packed(docs, sequence_length=T, batch_size=B, seed=seed, infinite=True, interleave=K)
+    for n, batch in zip(range(3 * K), mixed):
+        block, j = divmod(n, K)
+        for r in range(B):  # row r of batch j of a block is sample r * K + j of that block
+            assert torch.equal(batch["input_ids"][r], samples[block * K * B + r * K + j])
+        assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1].where(
+            batch["labels"][:, :-1] != -100, batch["input_ids"][:, 1:]))  # fmt: skip
+
+
+@settings(max_examples=40, deadline=None)
+@given(docs=docs_strategy, T=st.integers(2, 5), stop=st.integers(0, 10), K=st.integers(1, 4))
+def test_interleaved_resume_from_any_batch_inside_a_block(docs, T, stop, K):
+    if sum(len(d) + 1 for d in docs) < 2 * K * T + 1:
+        return
+    full = packed(docs, sequence_length=T, infinite=True, interleave=K)
+    it = iter(full)
+    for _ in range(stop):
+        state = next(it)["_state"]
+    expected = [next(it) for _ in range(2 * K + 1)]
+    resumed = packed(docs, sequence_length=T, infinite=True, interleave=K)
+    if stop:
+        resumed.worker_states = [state]
+    got = [b for b, _ in zip(resumed, range(2 * K + 1))]
+    for a, b in zip(expected, got):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+
+
+def test_interleave_does_not_touch_the_validation_pass_and_rejects_nonsense():
+    docs = [[i + 2] * 7 for i in range(9)]
+    plain = [b["input_ids"] for b in packed(docs, sequence_length=4, infinite=False)]
+    mixed = [b["input_ids"] for b in packed(docs, sequence_length=4, infinite=False, interleave=8)]
+    assert all(torch.equal(a, b) for a, b in zip(plain, mixed)) and len(plain) == len(mixed)
+    with pytest.raises(UserError, match="one block of 16 interleaved batches needs 129 tokens"):
+        next(iter(packed(docs, sequence_length=4, infinite=True, interleave=16)))
+    with pytest.raises(UserError, match="interleave must be >= 1"):
+        packed(docs, interleave=0)
+
+
 def test_training_stream_reshuffles_each_epoch_and_uses_every_document(tmp_path):
     docs = [[i + 2] * 3 for i in range(12)]
     ds = packed(docs, sequence_length=4, batch_size=1, infinite=True, mask_bos_labels=False)

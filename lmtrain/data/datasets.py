@@ -5,6 +5,14 @@ Packed layout (no padding at all). Each shard sees its documents as one stream
 `input = stream[kT : kT + T]` and `labels = stream[kT + 1 : kT + T + 1]`, so the last label of one sample
 is the first input of the next and no token is dropped. Labels are -100 where the input is a BOS
 separator (`mask_bos_labels`): the first token of a document is not predicted from the previous one.
+
+Rows of a batch. Cut naively, the B rows of a batch are B consecutive samples of the stream, so a small
+batch holds one or two documents and successive gradients are strongly correlated. With
+`interleave = K > 1` (training only) the stream is read in blocks of K batches (K * B samples) and batch j
+of a block takes samples j, j + K, j + 2K, ...: its rows lie K samples apart in the stream and so, for
+K * T beyond the typical document length, come from different documents. Every sample is still used
+once, in a deterministic order, and resume stays exact (the state is the block's start and the batch
+index in it).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ class PackedDataset(IterableDataset):
     document of the epoch's order, so each document is used exactly once per epoch across all shards.
     `infinite=True` (training) continues the stream into the next epoch (reshuffled); `infinite=False`
     makes one deterministic pass whose last sample is padded (labels -100) and last batch may be short.
+    `interleave` (training only) spreads each batch's rows over a block of that many batches.
 
     Iterating yields dicts with `input_ids`, `labels` (B, T) int64, `doc_ids` (B, T) when
     `document_ids`, and `_worker`/`_state` that `PackedLoader` strips to resume exactly.
@@ -54,10 +63,13 @@ class PackedDataset(IterableDataset):
         infinite: bool = True,
         mask_bos_labels: bool = True,
         document_ids: bool = False,
+        interleave: int = 1,
         docs_per_fetch: int = 64,
     ):
         if sequence_length < 2:
             raise UserError(f"sequence_length must be >= 2 (input and label), got {sequence_length}")
+        if interleave < 1:
+            raise UserError(f"data.interleave must be >= 1 (1: rows are consecutive samples), got {interleave}")
         assert 0 <= rank < world_size
         self.source, self.T, self.B = source, sequence_length, batch_size
         self.bos_id, self.pad_id = bos_id, pad_id
@@ -65,7 +77,8 @@ class PackedDataset(IterableDataset):
         self.shuffle, self.infinite = shuffle, infinite
         self.mask_bos_labels, self.document_ids = mask_bos_labels, document_ids
         self.docs_per_fetch = docs_per_fetch
-        # Resume: per logical worker, the stream position of its next batch; and the worker rotation that
+        self.interleave = interleave if infinite else 1
+        # Resume: per logical worker, the stream position of its next block and the batch index in it; and the worker rotation that
         # makes DataLoader worker 0 produce the batch that is due next (see PackedLoader).
         self.worker_states: list[dict] | None = None
         self.worker_offset = 0
@@ -88,11 +101,14 @@ class PackedDataset(IterableDataset):
 
     def __iter__(self):
         logical, shard, num_shards = self._shard()
-        state = {"epoch": 0, "doc": 0, "offset": 0}
+        state = {"epoch": 0, "doc": 0, "offset": 0, "batch": 0}
         if self.worker_states is not None:
-            state = dict(self.worker_states[logical])
-        epoch, doc, offset = state["epoch"], state["doc"], state["offset"]
-        need = self.B * self.T + 1
+            state = {"batch": 0, **self.worker_states[logical]}
+        epoch, doc, offset, skip = state["epoch"], state["doc"], state["offset"], state["batch"]
+        K, B, T = self.interleave, self.B, self.T
+        assert 0 <= skip < K, f"batch index {skip} outside a block of {K}"
+        block_state = {"epoch": epoch, "doc": doc, "offset": offset}
+        need = K * B * T + 1
         buf = np.empty(0, dtype=np.int64)
         base = 0  # stream position of buf[0], counted from the start of this iteration
         # Where each fetched document starts: (stream position, epoch, doc position, offset of that
@@ -106,11 +122,12 @@ class PackedDataset(IterableDataset):
                     if not self.infinite:
                         break
                     if not yielded_this_epoch:
+                        what = "one batch" if K == 1 else f"one block of {K} interleaved batches"
                         raise UserError(
-                            f"one batch needs {need} tokens (batch_size {self.B} x sequence_length {self.T} "
-                            f"+ 1) but shard {shard}/{num_shards} of the dataset holds only {len(buf)} in a "
-                            f"whole epoch; lower data.batch_size or data.sequence_length, use fewer workers, "
-                            f"or use more data"
+                            f"{what} needs {need} tokens (data.interleave {K} x batch_size {B} x "
+                            f"sequence_length {T} + 1) but shard {shard}/{num_shards} of the dataset holds only "
+                            f"{len(buf)} in a whole epoch; lower data.interleave, data.batch_size or "
+                            f"data.sequence_length, use fewer workers, or use more data"
                         )
                     epoch, doc, yielded_this_epoch = epoch + 1, 0, False
                     docs = self.shard_documents(epoch, shard, num_shards)
@@ -121,14 +138,14 @@ class PackedDataset(IterableDataset):
                 grown[: len(buf)] = buf
                 pos = len(buf)
                 for j, toks in enumerate(fetched):  # one copy: BOS and tokens straight into place
-                    skip = offset if j == 0 else 0
-                    segs.append((base + pos, epoch, doc + j, skip))
-                    if skip == 0:
+                    skip_tokens = offset if j == 0 else 0
+                    segs.append((base + pos, epoch, doc + j, skip_tokens))
+                    if skip_tokens == 0:
                         grown[pos] = self.bos_id
                         grown[pos + 1 : pos + 1 + len(toks)] = toks
                         pos += len(toks) + 1
                     else:  # resuming inside this document
-                        rest = toks[skip - 1 :]
+                        rest = toks[skip_tokens - 1 :]
                         grown[pos : pos + len(rest)] = rest
                         pos += len(rest)
                 assert pos == len(grown)
@@ -137,24 +154,28 @@ class PackedDataset(IterableDataset):
                 if len(buf) >= 2:
                     yield self._partial_batch(buf, logical)
                 return
-            window = buf[:need]
-            consumed = self.B * self.T
+            block = buf[:need]
+            consumed = K * B * T
             buf, base = buf[consumed:], base + consumed
-            # The stream position of buf[0] (the first input of the next batch), for exact resume.
+            # The stream position of buf[0] (the first input of the next block), for exact resume.
             while len(segs) > 1 and segs[1][0] <= base:
                 segs.popleft()
             s0, e0, d0, o0 = segs[0]
-            next_state = {"epoch": e0, "doc": d0, "offset": o0 + base - s0}
+            next_block_state = {"epoch": e0, "doc": d0, "offset": o0 + base - s0}
             yielded_this_epoch = True
-            yield self._batch(window, self.B, logical, next_state)
+            for j in range(skip, K):
+                # Row r of batch j is sample r * K + j of the block: (B, T + 1) tokens, with carry.
+                starts = (np.arange(B) * K + j) * T  # (B,)
+                rows = block[starts[:, None] + np.arange(T + 1)[None, :]]  # (B, T + 1)
+                after = {**next_block_state, "batch": 0} if j + 1 == K else {**block_state, "batch": j + 1}
+                yield self._batch(rows, logical, after)
+            skip, block_state = 0, next_block_state
 
-    def _batch(
-        self, window: np.ndarray, rows: int, logical: int, state: dict | None, valid: int = -1
-    ) -> dict:
-        T = self.T
-        stream = torch.from_numpy(window)
-        inputs = stream[:-1].view(rows, T).clone()  # (B, T)
-        labels = stream[1:].view(rows, T).clone()  # (B, T)
+    def _batch(self, rows: np.ndarray, logical: int, state: dict | None, valid: int = -1) -> dict:
+        """Inputs and labels of (R, T + 1) token rows; labels past flat position `valid` are ignored."""
+        window = torch.from_numpy(rows)
+        inputs = window[:, :-1].clone()  # (B, T)
+        labels = window[:, 1:].clone()  # (B, T)
         if valid >= 0:
             labels.view(-1)[valid:] = IGNORE
         is_bos = inputs == self.bos_id
@@ -170,10 +191,13 @@ class PackedDataset(IterableDataset):
         return out
 
     def _partial_batch(self, buf: np.ndarray, logical: int) -> dict:
-        rows = -(-(len(buf) - 1) // self.T)
-        window = np.full(rows * self.T + 1, self.pad_id, dtype=np.int64)
+        T = self.T
+        n_rows = -(-(len(buf) - 1) // T)
+        window = np.full(n_rows * T + 1, self.pad_id, dtype=np.int64)
         window[: len(buf)] = buf
-        return self._batch(window, rows, logical, None, valid=len(buf) - 1)
+        starts = np.arange(n_rows) * T  # (R,)
+        rows = window[starts[:, None] + np.arange(T + 1)[None, :]]  # (R, T + 1)
+        return self._batch(rows, logical, None, valid=len(buf) - 1)
 
 
 # --------------------------------------------------------------------------------------------------

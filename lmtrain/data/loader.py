@@ -63,6 +63,7 @@ def build_dataloader(
             infinite=train,
             mask_bos_labels=cfg.mask_bos_labels,
             document_ids=cfg.document_masking,
+            interleave=cfg.interleave,
         )
         return PackedLoader(dataset, cfg.num_workers, rank, world_size)
     dataset = PaddedDocuments(source, cfg.sequence_length, tokenizer.bos_token_id, tokenizer.pad_token_id)
@@ -123,11 +124,18 @@ class PackedLoader:
             "num_workers": self.num_workers,
             "rank": self.rank,
             "world_size": self.world_size,
+            "interleave": self.dataset.interleave,
             "worker_states": [dict(s) for s in self.worker_states],
         }
 
     def load_state_dict(self, state: dict) -> None:
         _check_state(state, "packed", self.num_workers, self.rank, self.world_size)
+        if self.dataset.infinite and state.get("interleave", 1) != self.dataset.interleave:
+            raise UserError(
+                f"the checkpoint was written with data.interleave={state.get('interleave', 1)}, this run has "
+                f"{self.dataset.interleave}: the saved position is inside a block of that many batches, so "
+                "resume with the same value"
+            )
         self.batches = int(state["batches"])
         self.worker_states = [{k: int(v) for k, v in s.items()} for s in state["worker_states"]]
 
