@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"initial train loss   {fmt(summary['initial_train_loss'])} (uniform: {math.log(len(tokenizer)):.3f})"
     )
-    print(f"final train loss     {fmt(summary['final_train_loss'])}")
+    print(f"final train loss     {fmt(summary['final_train_loss'])} "
+          f"(mean of the last 20 steps: {fmt(summary['final_train_loss_avg20'])})")  # fmt: skip
     print(f"final val loss       {fmt(summary['final_val_loss'])}")
     print(f"throughput           {summary['tokens_per_s']:.0f} tokens/s, MFU {100 * summary['mfu']:.1f}% "
           f"of {summary['peak_source']} {summary['peak_tflops']:.3g} TFLOP/s")  # fmt: skip

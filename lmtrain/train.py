@@ -590,6 +590,8 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, hooks: StepHook
         "resumed_from": start_step or None,
         "initial_train_loss": losses[0][1] if losses and start_step == 0 else None,
         "final_train_loss": losses[-1][1] if losses else None,
+        # One batch's loss is noisy; the mean over the last 20 steps is the number to compare.
+        "final_train_loss_avg20": sum(x for _, x in losses[-20:]) / len(losses[-20:]) if losses else None,
         "final_val_loss": val_history[-1][1] if val_history else None,
         "tokens_per_s": rates["tokens_per_s"],
         "positions_per_s": rates["positions_per_s"],

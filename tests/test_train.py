@@ -207,6 +207,29 @@ def test_bf16_model_dtype_keeps_bf16_states(stdlib_corpus, tmp_path):
     assert moments and all(m.dtype == torch.bfloat16 for m in moments)
 
 
+@pytest.mark.slow
+def test_compiled_training_matches_eager_and_saves_plain_keys(stdlib_corpus, tmp_path):
+    """--compile: torch.compile(fullgraph=True) inside the real loop (inductor on CPU); the same losses as
+    the same run in eager mode, and checkpoints without the `_orig_mod.` prefix, so eager runs load them."""
+    eager_dir, compiled_dir = tmp_path / "eager", tmp_path / "compiled"
+    from torch._dynamo.utils import counters
+
+    run(tiny_args(stdlib_corpus, eager_dir, 4))
+    counters.clear()
+    summary = run(tiny_args(stdlib_corpus, compiled_dir, 4, "--compile"))
+    assert summary["exit_reason"] == "completed"
+    assert counters["stats"]["unique_graphs"] >= 1, "the model went through dynamo"
+    assert not counters["graph_break"], f"fullgraph: no graph breaks, got {dict(counters['graph_break'])}"
+    compiled, eager = losses(compiled_dir), losses(eager_dir)
+    assert sorted(compiled) == sorted(eager) == [1, 2, 3, 4]
+    for step, loss in compiled.items():
+        assert loss == pytest.approx(eager[step], rel=2e-3), f"step {step}"
+    state = torch.load(ckpt.checkpoint_path(compiled_dir, 4), weights_only=True)
+    eager_keys = torch.load(ckpt.checkpoint_path(eager_dir, 4), weights_only=True)["model"].keys()
+    assert set(state["model"]) == set(eager_keys)
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in state["model"])
+
+
 def test_grad_accumulation_equals_one_big_batch():
     from lmtrain.hooks import StepHooks
     from lmtrain.precision import LossScaler

@@ -53,7 +53,7 @@ def test_main_job_end_to_end_on_a_small_corpus(tmp_path, capsys, one_thread):
         "--dataset", str(corpus), "--data.tokenizer", "byte", "--model.dim", "64", "--model.n_layers", "1",
         "--model.n_heads", "2", "--model.n_kv_heads", "1", "--sequence-length", "64", "--batch-size", "8",
         "--training-steps", "12", "--learning-rate", "1e-2", "--training.eval_interval", "0", "--logging.peak_tflops", "1",
-        "--logging.progress", "false", "--training.output_dir", str(out),
+        "--logging.progress", "false", "--training.output_dir", str(out), "--data.interleave", "4",
     ])  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
@@ -61,6 +61,8 @@ def test_main_job_end_to_end_on_a_small_corpus(tmp_path, capsys, one_thread):
     assert "unigram entropy" in printed and "sample (top-k 40" in printed
     assert summary["unigram_entropy"] < summary["initial_train_loss"]  # a fresh model is near uniform
     assert summary["final_train_loss"] < summary["initial_train_loss"]
+    assert summary["final_train_loss_avg20"] < summary["initial_train_loss"]
+    assert "mean of the last 20 steps" in printed
     assert f"unigram entropy      {summary['unigram_entropy']:.3f}" in printed
     assert summary["final_val_loss"] is not None
 
