@@ -1,10 +1,12 @@
 """Training-step throughput: lmtrain's model and step against transformers' LlamaForCausalLM, same run.
 
-    lmtrain bench train --steps 6 --rounds 3
+    lmtrain bench train --steps 5 --rounds 5
 
 Both models have the tiny shapes (4 layers, dim 256, 4 heads with 2 key/value heads, SwiGLU 768,
-vocab 8192), batch 8 x 256 tokens, fp32, the same AdamW (foreach) and the same cross-entropy. Rounds
-alternate between the two so that a busy machine slows both alike; the median round counts. Then:
+vocab 8192), batch 8 x 256 tokens, fp32 and the same AdamW (foreach). lmtrain's step computes the output
+projection and the loss fused, chunk by chunk (`training.loss_chunk`, lmtrain.losses); transformers'
+computes full logits, then F.cross_entropy. The GEMMs are the same and take two thirds of either step.
+Rounds alternate between the two so that a busy machine slows both alike; the median round counts. Then:
 MFU of a larger model (dim 512) against the matmul peak measured here, and the share of a real
 `lmtrain.train` step spent outside forward, backward and optimizer (data wait, logging, metrics).
 The last line is `lmtrain/hf train tokens/s ratio: X`.
@@ -151,7 +153,7 @@ def loop_overhead(steps: int) -> tuple[float, str]:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="lmtrain bench train", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per implementation")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds per implementation")
     p.add_argument("--overhead-steps", type=int, default=12, help="steps of the real loop for the overhead")
     a = p.parse_args(argv)
 

@@ -315,6 +315,11 @@ class TrainingConfig:
     compile: bool = False
     """torch.compile(model, fullgraph=True) before wrapping for data parallelism."""
 
+    loss_chunk: int = 512
+    """Tokens per chunk of the fused output projection + cross-entropy, which computes the loss and its
+    gradient chunk by chunk and never holds all (tokens x vocab) logits (4.2 GB in fp32 for 8192 tokens
+    of Llama-3's vocabulary); 0: plain logits, then F.cross_entropy."""
+
     eval_interval: int = 0
     """Evaluate on the validation split every N steps (0: only at the end)."""
 
@@ -340,6 +345,7 @@ class TrainingConfig:
         _check_min(self, "eval_interval", 0)
         _check_min(self, "eval_batches", 1)
         _check_min(self, "max_bad_steps", 1)
+        _check_min(self, "loss_chunk", 0)
 
 
 @dataclass

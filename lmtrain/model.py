@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmtrain.errors import UserError
+from lmtrain.losses import lm_loss_sum
 from profiling.nvtx import nvtx_range
 
 
@@ -417,6 +418,8 @@ class Transformer(nn.Module):
         cache: list[KVCache] | None = None,  # one per layer, for incremental decoding
         start_pos: int = 0,  # position of tokens[:, 0] (non-zero only with a cache)
         last_only: bool = False,  # logits of the last position only: (B, 1, vocab), for sampling
+        labels: torch.Tensor | None = None,  # (B, T): return the summed next-token loss instead of logits
+        loss_chunk: int = 512,  # with labels: rows per chunk of the fused head + loss (0: plain logits)
     ) -> torch.Tensor:
         B, T = tokens.shape
         if start_pos + T > self.args.seq_len:
@@ -438,6 +441,9 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]  # (B, 1, C): sampling needs one distribution, not T of them
         h = self.norm(h)  # (B, T, C)
+        if labels is not None:
+            # Inside forward, so that DDP/FSDP and torch.compile see the head and the loss as part of it.
+            return lm_loss_sum(h.flatten(0, 1), self.output.weight, labels.flatten(), loss_chunk)  # ()
         return self.output(h)  # (B, T, vocab)
 
     @staticmethod

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from lmtrain import checkpoint as ckpt
@@ -44,6 +43,7 @@ from lmtrain.distributed import (
 from lmtrain.errors import UserError
 from lmtrain.hooks import StepHooks
 from lmtrain.log import init_logging, logger, make_metric_logger
+from lmtrain.losses import IGNORE_INDEX
 from lmtrain.metrics import StepTimer, Throughput, mfu, peak_memory_gib, resolve_peak, write_loss_plot
 from lmtrain.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from lmtrain.precision import LossScaler, autocast, build_loss_scaler, compute_dtype, torch_dtype
@@ -51,7 +51,6 @@ from lmtrain.precision import LossScaler, autocast, build_loss_scaler, compute_d
 EXIT_OK = 0
 EXIT_REQUEUE = 85
 EXIT_DIVERGED = 3
-IGNORE_INDEX = -100
 
 
 # ------------------------------------------------------------------------------------------- setup
@@ -138,19 +137,19 @@ def no_grad_sync(model: nn.Module, enabled: bool):
     return contextlib.nullcontext()
 
 
-def loss_sum(model: nn.Module, batch: dict, device: torch.device, amp) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the non-ignored labels of one micro-batch (fp32)."""
+def loss_sum(model: nn.Module, batch: dict, device: torch.device, amp, loss_chunk: int = 512) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the non-ignored labels of one micro-batch (fp32).
+
+    The model computes it in its forward (`labels=`), fusing the output projection with the loss in
+    chunks of `loss_chunk` tokens (0: plain logits, then F.cross_entropy); see lmtrain.losses.
+    """
     tokens = batch["input_ids"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     doc_ids = batch.get("doc_ids")
+    if doc_ids is not None:
+        doc_ids = doc_ids.to(device, non_blocking=True)
     with amp():
-        if doc_ids is not None:
-            logits = model(tokens, doc_ids.to(device, non_blocking=True))
-        else:
-            logits = model(tokens)
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+        return model(tokens, doc_ids, labels=labels, loss_chunk=loss_chunk)
 
 
 @dataclasses.dataclass
@@ -173,6 +172,7 @@ def train_step(
     amp,
     max_norm: float,
     hooks: StepHooks,
+    loss_chunk: int = 512,
 ) -> StepResult:
     """One optimizer step over `micro_batches` (gradient accumulation), loss normalised by the number
     of non-ignored tokens of the whole global batch, so that N processes with batch B/N give the same
@@ -190,7 +190,7 @@ def train_step(
     for i, batch in enumerate(micro_batches):
         with no_grad_sync(model, i < len(micro_batches) - 1):
             with hooks.forward():
-                loss = loss_sum(model, batch, device, amp)
+                loss = loss_sum(model, batch, device, amp, loss_chunk)
             with hooks.backward():
                 scaler.scale_loss(loss * norm).backward()
         total += loss.detach()
@@ -209,7 +209,9 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, max_batches: int, device: torch.device, amp) -> float | None:
+def evaluate(
+    model: nn.Module, loader, max_batches: int, device: torch.device, amp, loss_chunk: int = 512
+) -> float | None:
     """Mean loss over the non-ignored tokens of the first `max_batches` validation batches (all ranks)."""
     if loader is None:
         return None
@@ -219,7 +221,7 @@ def evaluate(model: nn.Module, loader, max_batches: int, device: torch.device, a
     for i, batch in enumerate(loader):
         if i >= max_batches:
             break
-        total[0] += float(loss_sum(model, batch, device, amp))
+        total[0] += float(loss_sum(model, batch, device, amp, loss_chunk))
         total[1] += int((batch["labels"] != IGNORE_INDEX).sum())
     model.train(was_training)
     total = all_reduce_sum(total)
@@ -469,6 +471,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, hooks: StepHook
                 amp=amp,
                 max_norm=cfg.optim.grad_max_norm,
                 hooks=hooks,
+                loss_chunk=cfg.training.loss_chunk,
             )
             seconds = timer.stop()
             window.add(seconds, result.tokens, result.positions)
@@ -542,7 +545,9 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, hooks: StepHook
                 progress.update(progress.task_ids[0], completed=step, info=f"loss {result.loss:.4f}")
 
             if cfg.training.eval_interval and step % cfg.training.eval_interval == 0 and step < total_steps:
-                val = evaluate(model, val_loader, cfg.training.eval_batches, device, amp)
+                val = evaluate(
+                    model, val_loader, cfg.training.eval_batches, device, amp, cfg.training.loss_chunk
+                )
                 if val is not None:
                     val_history.append((step, val))
                     if metric_log is not None:
@@ -577,7 +582,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, hooks: StepHook
     if exit_reason == "completed":
         if last_saved != step:
             save(step)
-        val = evaluate(model, val_loader, cfg.training.eval_batches, device, amp)
+        val = evaluate(model, val_loader, cfg.training.eval_batches, device, amp, cfg.training.loss_chunk)
         if val is not None:
             val_history.append((step, val))
             if metric_log is not None:

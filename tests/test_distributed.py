@@ -83,8 +83,12 @@ def test_bad_device_is_a_user_error():
 
 
 def _model() -> torch.nn.Module:
+    """A one-layer Transformer: the loss (fused head + cross-entropy) runs inside the wrapped forward."""
+    from lmtrain.model import Transformer, TransformerModelArgs
+
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Embedding(40, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 40))
+    return Transformer(TransformerModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=40,
+                                            multiple_of=16, ffn_dim_multiplier=None, seq_len=8))  # fmt: skip
 
 
 def _batches():
@@ -137,6 +141,7 @@ def _dp_worker(rank: int, world: int, port: int, out: str) -> None:
         results[f"{strategy}_params"] = {k: v.clone() for k, v in ckpt.clean_keys(full).items()}
     if rank == 0:
         torch.save(results, out)
+    dist.barrier()  # no rank tears gloo down while another still talks to it (that aborts the process)
     dist.destroy_process_group()
 
 

@@ -232,12 +232,14 @@ def test_compiled_training_matches_eager_and_saves_plain_keys(stdlib_corpus, tmp
 
 def test_grad_accumulation_equals_one_big_batch():
     from lmtrain.hooks import StepHooks
+    from lmtrain.model import Transformer, TransformerModelArgs
     from lmtrain.precision import LossScaler
     from lmtrain.train import train_step
 
+    args = TransformerModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=50, multiple_of=16,
+                                ffn_dim_multiplier=None, seq_len=9)  # fmt: skip
     torch.manual_seed(0)
-    model_a = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 50))
-    model_b = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 50))
+    model_a, model_b = Transformer(args), Transformer(args)
     model_b.load_state_dict(model_a.state_dict())
     tokens = torch.randint(0, 50, (4, 9))
     labels = torch.randint(0, 50, (4, 9))
