@@ -197,6 +197,11 @@ def broadcast_object(obj):
     return box[0]
 
 
-def cleanup() -> None:
+def cleanup(synchronize: bool = False) -> None:
+    """Destroy the process group; with `synchronize`, after a barrier, so that no rank tears its
+    connections down while another still has collectives in flight (gloo then aborts the process with
+    "terminate called without an active exception")."""
     if dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()

@@ -328,9 +328,12 @@ def train(cfg: TrainConfig, hooks: StepHooks | None = None) -> dict:
     device = resolve_device(cfg.training.device, env)
     init_distributed(cfg.distributed, device, env)
     try:
-        return _train(cfg, env, device, hooks)
-    finally:
-        cleanup()
+        summary = _train(cfg, env, device, hooks)
+    except BaseException:
+        cleanup()  # no barrier: the other ranks may be stuck in a collective or gone
+        raise
+    cleanup(synchronize=True)
+    return summary
 
 
 def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, hooks: StepHooks | None) -> dict:
