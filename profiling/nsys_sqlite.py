@@ -14,10 +14,12 @@ call on the launching thread.
 from __future__ import annotations
 
 import ast
+import contextlib
 import itertools
 import os
 import re
 import sqlite3
+import tempfile
 import threading
 import urllib.parse
 from dataclasses import dataclass, field
@@ -358,6 +360,7 @@ def _raw_text_sql(export: Export) -> tuple[str, str]:
 _RANGE_TABLE = '(tid INTEGER, start INTEGER, "end" INTEGER, id INTEGER, seq INTEGER, PRIMARY KEY (tid, start, id)) WITHOUT ROWID'
 _CLOSED = f'e.eventType IN {RANGE_TYPES} AND e."end" IS NOT NULL'
 _WORK_IDS = itertools.count()
+SCRATCH_VFS = "memdb"  # in-memory databases shared by the connections of one process (SQLite >= 3.36)
 
 
 def _is_op_sql(raw: str) -> str:
@@ -465,35 +468,66 @@ def gemm_kernels(export: Export, range_shapes: dict[str, tuple[int, int, int, in
               "user_first", "bwd", "bwd_map", "fwd_of", "f_seq", "nv_names", "r_user", "r_layer"):  # fmt: skip
         conn.execute(f"DROP TABLE IF EXISTS temp.{t}")
 
-    # The op ranges (the bulk: one per op call) go into a private in-memory database on a second
-    # connection while this one collects the GEMMs and the user ranges; two cores nearly halve that phase.
+    # The op ranges (the bulk: one per op call) go into a scratch database on a second connection while
+    # this one collects the GEMMs and the user ranges; two cores nearly halve that phase.
     if "w" in {r[1] for r in conn.execute("PRAGMA database_list")}:
         conn.execute("DETACH DATABASE w")
     has_nvtx(export)  # fill the column cache here: the helper thread must not touch this connection
-    work = f"file:/lmtrain-nsys-{os.getpid()}-{next(_WORK_IDS)}?vfs=memdb"
-    helper = _connect(export.path, check_same_thread=False)
-    helper.execute("ATTACH DATABASE ? AS w", (work,))
-    failure: list[BaseException] = []
+    with contextlib.ExitStack() as cleanup:
+        helper = _connect(export.path, check_same_thread=False)
+        cleanup.callback(helper.close)
+        work = _attach_scratch(helper, cleanup)
+        cleanup.callback(_detach_scratch, conn)
+        failure: list[BaseException] = []
 
-    def build_op_ranges() -> None:
+        def build_op_ranges() -> None:
+            try:
+                _build_op_ranges(export, helper, "w")
+            except BaseException as exc:  # re-raised on the calling thread
+                failure.append(exc)
+
+        thread = threading.Thread(target=build_op_ranges, name="nsys-op-ranges", daemon=True)
+        thread.start()
         try:
-            _build_op_ranges(export, helper, "w")
-        except BaseException as exc:  # re-raised on the calling thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=build_op_ranges, name="nsys-op-ranges", daemon=True)
-    thread.start()
-    try:
-        n_gemm, corr, pid = _collect_gemms(export)
-        _build_user_ranges(export)
-        thread.join()
+            n_gemm, corr, pid = _collect_gemms(export)
+            _build_user_ranges(export)
+        finally:
+            thread.join()
         if failure:
             raise failure[0]
         conn.execute("ATTACH DATABASE ? AS w", (work,))  # while the helper still holds it open
-    finally:
-        thread.join()
         helper.close()
+        _attribute_gemms(export, corr, pid, range_shapes)
+    return n_gemm
 
+
+def _attach_scratch(conn: sqlite3.Connection, cleanup: contextlib.ExitStack) -> str:
+    """Attach a scratch database as `w` that another connection of this process can attach too, and
+    return its URI: an in-memory `memdb` database, or where SQLite lacks that VFS (before 3.36) a file
+    in a temporary directory that `cleanup` removes."""
+    uri = f"file:/lmtrain-nsys-{os.getpid()}-{next(_WORK_IDS)}?vfs={SCRATCH_VFS}"
+    try:
+        conn.execute("ATTACH DATABASE ? AS w", (uri,))
+        return uri
+    except sqlite3.OperationalError:
+        tmp = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="lmtrain-nsys-"))
+        uri = f"file:{urllib.parse.quote(str(Path(tmp) / 'scratch.sqlite'))}"
+        conn.execute("ATTACH DATABASE ? AS w", (uri,))
+        conn.execute("PRAGMA w.journal_mode = OFF")
+        conn.execute("PRAGMA w.synchronous = OFF")
+        return uri
+
+
+def _detach_scratch(conn: sqlite3.Connection) -> None:
+    if "w" in {r[1] for r in conn.execute("PRAGMA database_list")}:
+        conn.execute("DETACH DATABASE w")
+
+
+def _attribute_gemms(
+    export: Export, corr: str, pid: str, range_shapes: dict[str, tuple[int, int, int, int]] | None
+) -> None:
+    """Temp table `ga` from `g`, the range tables (`w.r_op`, `w.r_bwd`, `r_user`, `r_layer`) and shapes."""
+    conn = export.conn
     conn.execute(
         "CREATE TEMP TABLE ga0 (kid INTEGER PRIMARY KEY, nameId INTEGER, dur INTEGER, op_id INTEGER, "
         "user_id INTEGER, layer_id INTEGER, bwd_id INTEGER)"
@@ -608,7 +642,6 @@ def gemm_kernels(export: Export, range_shapes: dict[str, tuple[int, int, int, in
             FROM ga0 AS a {cost_joins} {backward_joins}"""
     )
     conn.execute("DROP TABLE temp.ga0")
-    return n_gemm
 
 
 BACKWARD_SUFFIX = " (backward)"

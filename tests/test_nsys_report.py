@@ -372,3 +372,18 @@ def test_model_config_file_with_extra_sections(tmp_path, capsys):
     bad.write_text("model: {preset: nope}\n")
     rc, _, err = run([synth.path, "--model-config", bad], capsys)
     assert rc == 2 and "nope" in err
+
+
+def test_without_the_memdb_vfs_a_scratch_file_gives_the_same_report(tmp_path, monkeypatch):
+    """SQLite before 3.36 has no memdb VFS: the parallel phase then shares a temporary file instead."""
+    synth = write_export(tmp_path / "s.sqlite", steps=2, n_layers=2, backward=True)
+    reports = []
+    for vfs in ("memdb", "no-such-vfs"):
+        monkeypatch.setattr(ns, "SCRATCH_VFS", vfs)
+        export = ns.open_export(synth.path)
+        assert ns.gemm_kernels(export) == synth.gemm_kernels
+        reports.append({by: ns.gemm_groups(export, by) for by in ns.GROUPINGS})
+        attached = {r[1] for r in export.conn.execute("PRAGMA database_list")}
+        assert "w" not in attached, "the scratch database is detached afterwards"
+    assert reports[0] == reports[1]
+    assert any(r["name"] == "FeedForward/w1 (backward)" for r in reports[1]["range"])
