@@ -251,17 +251,19 @@ def has_nvtx(export: Export) -> bool:
     return export.has(NVTX, "start", "end", "eventType", "globalTid")
 
 
+def _raw_text_sql(export: Export) -> tuple[str, str]:
+    """(expression, join): the range text of NVTX_EVENTS row `e` without its domain prefix."""
+    cols = export.cols(NVTX)
+    parts = (["e.text"] if "text" in cols else []) + (["ts.value"] if "textId" in cols else [])
+    raw = f"COALESCE({', '.join(parts)}, '')" if parts else "''"
+    join = " LEFT JOIN StringIds AS ts ON ts.id = e.textId" if "textId" in cols else ""
+    return raw, join
+
+
 def _nvtx_name_sql(export: Export) -> tuple[str, str]:
     """(expression, joins) naming an NVTX_EVENTS row `e`: text or StringIds via textId, domain-prefixed."""
     cols = export.cols(NVTX)
-    parts = []
-    joins = ""
-    if "text" in cols:
-        parts.append("e.text")
-    if "textId" in cols:
-        parts.append("ts.value")
-        joins += " LEFT JOIN StringIds AS ts ON ts.id = e.textId"
-    base = f"COALESCE({', '.join(parts)}, '')" if parts else "''"
+    base, joins = _raw_text_sql(export)
     if "domainId" in cols:
         dom_parts = ["d.text"] if "text" in cols else []
         dom_join = ""
@@ -344,15 +346,6 @@ def nvtx_summary(export: Export) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 # GEMM kernels attributed to NVTX ranges
 # --------------------------------------------------------------------------------------------------
-
-
-def _raw_text_sql(export: Export) -> tuple[str, str]:
-    """(expression, join): the range text of NVTX_EVENTS row `e` without its domain prefix."""
-    cols = export.cols(NVTX)
-    parts = (["e.text"] if "text" in cols else []) + (["ts.value"] if "textId" in cols else [])
-    raw = f"COALESCE({', '.join(parts)}, '')" if parts else "''"
-    join = " LEFT JOIN StringIds AS ts ON ts.id = e.textId" if "textId" in cols else ""
-    return raw, join
 
 
 # Range tables for the innermost-range lookups: (tid, start, end, id = NVTX_EVENTS rowid, seq), clustered
