@@ -8,6 +8,7 @@ component is missing they skip with the reason, unless LMTRAIN_REQUIRE_SLURM=1 /
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -78,6 +79,22 @@ def stdlib_corpus(tmp_path_factory) -> Path:
     pq.write_table(pa.table({"text": texts[:40]}), out / "train.parquet")
     pq.write_table(pa.table({"text": texts[40:]}), out / "val.parquet")
     return out
+
+
+@pytest.fixture(scope="session")
+def read_losses():
+    """read_losses(run_dir) -> {step: train loss} from metrics.jsonl, values as logged (NaN/inf are
+    strings); a resumed run's repeated steps keep the last record."""
+
+    def read(run_dir: Path) -> dict:
+        out = {}
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            if "loss" in rec:
+                out[rec["step"]] = rec["loss"]
+        return out
+
+    return read
 
 
 @pytest.fixture

@@ -200,22 +200,13 @@ def launch(stdlib_corpus: Path, out: Path, strategy: str, *extra: str, slurm: bo
         assert p.returncode == 0, f"rank {rank}: {err.decode()[-3000:]}"
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
-
-
 @pytest.mark.slow
-def test_fsdp_run_under_slurm_variables_checkpoints_and_resumes(stdlib_corpus, tmp_path):
+def test_fsdp_run_under_slurm_variables_checkpoints_and_resumes(stdlib_corpus, tmp_path, read_losses):
     """`srun`-style launch of the real entry point with FSDP2; the checkpoint is the single-process
     format; resuming from its step-3 checkpoint in a fresh directory repeats steps 4-6 exactly."""
     fsdp, resumed = tmp_path / "fsdp", tmp_path / "resumed"
     launch(stdlib_corpus, fsdp, "fsdp", slurm=True)
-    fsdp_losses = losses(fsdp)
+    fsdp_losses = read_losses(fsdp)
     assert sorted(fsdp_losses) == list(range(1, 7))
     summary = json.loads((fsdp / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["final_train_loss"] < summary["initial_train_loss"]
@@ -229,7 +220,7 @@ def test_fsdp_run_under_slurm_variables_checkpoints_and_resumes(stdlib_corpus, t
     assert state["optimizer"]["state"].keys() == state["model"].keys()
     assert len(state["data_ranks"]) == 2
     launch(stdlib_corpus, resumed, "fsdp", "--checkpoint.resume", str(ckpt.checkpoint_path(fsdp, 3)))
-    again = losses(resumed)
+    again = read_losses(resumed)
     assert sorted(again) == [4, 5, 6]
     for step in again:
         assert again[step] == pytest.approx(fsdp_losses[step], rel=1e-6)

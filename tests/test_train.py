@@ -43,16 +43,6 @@ def tiny_args(stdlib_corpus: Path, out: Path, steps: int = 12, *extra: str) -> l
     ]  # fmt: skip
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    """Train loss per step; a resumed run's repeated steps keep the last record."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
-
-
 def run(argv: list[str]) -> dict:
     cfg, _ = parse_args(argv)
     return train(cfg)
@@ -119,7 +109,7 @@ def test_checkpoint_loads_for_inference(reference):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_reproduces_losses(stdlib_corpus, reference, tmp_path):
+def test_resume_after_sigkill_reproduces_losses(stdlib_corpus, reference, tmp_path, read_losses):
     """Kill -9 a run after its step-4 checkpoint, resume in place: the losses equal the uninterrupted run's.
     Evaluating every step slows the killed run down (evaluation does not change training)."""
     out = tmp_path / "run"
@@ -135,15 +125,15 @@ def test_resume_after_sigkill_reproduces_losses(stdlib_corpus, reference, tmp_pa
     proc.wait()
     assert first.exists(), proc.stderr.read().decode()[-2000:]
     assert not (out / "summary.json").exists(), "the run finished before it was killed"
-    killed_at = max(losses(out))
+    killed_at = max(read_losses(out))
     assert 4 <= killed_at < 12
     summary = run(tiny_args(stdlib_corpus, out, 12, "--checkpoint.resume", "auto"))
     assert summary["resumed_from"] in (4, 8) and summary["steps"] == 12
-    assert losses(out) == losses(reference)  # exact equality, step by step
+    assert read_losses(out) == read_losses(reference)  # exact equality, step by step
 
 
 @pytest.mark.slow
-def test_signal_saves_and_exits_for_requeue(stdlib_corpus, reference, tmp_path):
+def test_signal_saves_and_exits_for_requeue(stdlib_corpus, reference, tmp_path, read_losses):
     out = tmp_path / "run"
     argv = tiny_args(stdlib_corpus, out, 12, "--training.eval_interval", "1", "--training.eval_batches", "20",
                      "--checkpoint.interval", "0")  # fmt: skip
@@ -166,10 +156,10 @@ def test_signal_saves_and_exits_for_requeue(stdlib_corpus, reference, tmp_path):
         tiny_args(stdlib_corpus, out, 12, "--checkpoint.resume", "auto", "--checkpoint.interval", "0")
     )
     assert resumed["resumed_from"] == summary["steps"] and resumed["exit_reason"] == "completed"
-    assert losses(out) == losses(reference)
+    assert read_losses(out) == read_losses(reference)
 
 
-def test_non_finite_loss_stops_after_max_bad_steps(stdlib_corpus, tmp_path):
+def test_non_finite_loss_stops_after_max_bad_steps(stdlib_corpus, tmp_path, read_losses):
     out = tmp_path / "run"
     argv = tiny_args(stdlib_corpus, out, 30, "--learning-rate", "1e25", "--grad-max-norm", "0",
                      "--lr-warmup-steps", "0", "--training.max_bad_steps", "3",
@@ -177,7 +167,7 @@ def test_non_finite_loss_stops_after_max_bad_steps(stdlib_corpus, tmp_path):
     assert main(argv) == EXIT_DIVERGED
     summary = json.loads((out / "summary.json").read_text())
     assert summary["exit_reason"] == "diverged" and summary["steps"] < 30
-    recorded = losses(out)
+    recorded = read_losses(out)
     bad = [s for s, v in recorded.items() if isinstance(v, str)]  # NaN/inf are logged as strings
     assert bad[-3:] == [summary["steps"] - 2, summary["steps"] - 1, summary["steps"]]
     saved = [s for s, _ in ckpt.find_checkpoints(out)]
@@ -208,7 +198,7 @@ def test_bf16_model_dtype_keeps_bf16_states(stdlib_corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager_and_saves_plain_keys(stdlib_corpus, tmp_path):
+def test_compiled_training_matches_eager_and_saves_plain_keys(stdlib_corpus, tmp_path, read_losses):
     """--compile: torch.compile(fullgraph=True) inside the real loop (inductor on CPU); the same losses as
     the same run in eager mode, and checkpoints without the `_orig_mod.` prefix, so eager runs load them."""
     eager_dir, compiled_dir = tmp_path / "eager", tmp_path / "compiled"
@@ -220,7 +210,7 @@ def test_compiled_training_matches_eager_and_saves_plain_keys(stdlib_corpus, tmp
     assert summary["exit_reason"] == "completed"
     assert counters["stats"]["unique_graphs"] >= 1, "the model went through dynamo"
     assert not counters["graph_break"], f"fullgraph: no graph breaks, got {dict(counters['graph_break'])}"
-    compiled, eager = losses(compiled_dir), losses(eager_dir)
+    compiled, eager = read_losses(compiled_dir), read_losses(eager_dir)
     assert sorted(compiled) == sorted(eager) == [1, 2, 3, 4]
     for step, loss in compiled.items():
         assert loss == pytest.approx(eager[step], rel=2e-3), f"step {step}"
