@@ -90,17 +90,9 @@ def english_text() -> tuple[str, str]:
 
 
 def hf_train(path: Path, vocab_size: int, specials: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from lmtrain.data.tokenizers import hf_byte_level_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    tok, trainer = hf_byte_level_bpe(vocab_size, specials)
     tok.train([str(path)], trainer)
     return tok
 

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lmtrain.data.sources import current_umask, write_token_file
-from lmtrain.data.tokenizers import BOS, SPECIAL_TOKENS, load_tokenizer
+from lmtrain.data.tokenizers import BOS, SPECIAL_TOKENS, hf_byte_level_bpe, load_tokenizer
 from lmtrain.errors import UserError
 
 ROWS_PER_GROUP = 1024
@@ -253,19 +253,9 @@ def build_tokenizer(spec: str, train_parquet: Path, impl: str, workdir: Path):
         tok = load_tokenizer(str(workdir / "bpe.json"))
         _prepend_bos(tok.backend_tokenizer, tok.bos_token_id)
         return tok
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    core = HFTokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    core, trainer = hf_byte_level_bpe(vocab_size, SPECIAL_TOKENS)
     core.train_from_iterator(parquet_texts(train_parquet), trainer)
     _prepend_bos(core, core.token_to_id(BOS))
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token="</s>", pad_token="<pad>")

@@ -58,6 +58,26 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
+def hf_byte_level_bpe(vocab_size: int, special_tokens: list[str]):
+    """An untrained Hugging Face byte-level BPE (GPT-2 pre-tokenisation, no prefix space) and its trainer.
+
+    All 256 byte symbols are in the initial alphabet, so no text is ever unknown. Train it with
+    `core.train_from_iterator(texts, trainer)` or `core.train(files, trainer)`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    return core, trainer
+
+
 def _gpt2_bytes_to_unicode() -> dict[int, str]:
     # The byte -> printable character table of GPT-2's byte-level BPE (also what `tokenizers` uses):
     # printable Latin-1 bytes map to themselves, the rest to code points from 256 upwards.
