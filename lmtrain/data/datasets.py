@@ -78,8 +78,9 @@ class PackedDataset(IterableDataset):
         self.mask_bos_labels, self.document_ids = mask_bos_labels, document_ids
         self.docs_per_fetch = docs_per_fetch
         self.interleave = interleave if infinite else 1
-        # Resume: per logical worker, the stream position of its next block and the batch index in it; and the worker rotation that
-        # makes DataLoader worker 0 produce the batch that is due next (see PackedLoader).
+        # Resume: per logical worker, the stream position of its next block and the batch index in it;
+        # and the worker rotation that makes DataLoader worker 0 produce the batch that is due next (see
+        # PackedLoader).
         self.worker_states: list[dict] | None = None
         self.worker_offset = 0
 
@@ -165,14 +166,17 @@ class PackedDataset(IterableDataset):
             yielded_this_epoch = True
             for j in range(skip, K):
                 # Row r of batch j is sample r * K + j of the block: (B, T + 1) tokens, with carry.
-                starts = (np.arange(B) * K + j) * T  # (B,)
-                rows = block[starts[:, None] + np.arange(T + 1)[None, :]]  # (B, T + 1)
                 after = {**next_block_state, "batch": 0} if j + 1 == K else {**block_state, "batch": j + 1}
-                yield self._batch(rows, logical, after)
+                yield self._batch(block, (np.arange(B) * K + j) * T, logical, after)
             skip, block_state = 0, next_block_state
 
-    def _batch(self, rows: np.ndarray, logical: int, state: dict | None, valid: int = -1) -> dict:
-        """Inputs and labels of (R, T + 1) token rows; labels past flat position `valid` are ignored."""
+    def _batch(
+        self, tokens: np.ndarray, starts: np.ndarray, logical: int, state: dict | None, valid: int = -1
+    ) -> dict:
+        """Inputs and labels of the rows tokens[s : s + T + 1] for s in `starts` (with carry: the last label
+        of a row is the first input of a sample that starts T later); labels past flat position `valid`
+        of the (R, T) labels are ignored."""
+        rows = tokens[starts[:, None] + np.arange(self.T + 1)[None, :]]  # (R, T + 1)
         window = torch.from_numpy(rows)
         inputs = window[:, :-1].clone()  # (B, T)
         labels = window[:, 1:].clone()  # (B, T)
@@ -195,9 +199,7 @@ class PackedDataset(IterableDataset):
         n_rows = -(-(len(buf) - 1) // T)
         window = np.full(n_rows * T + 1, self.pad_id, dtype=np.int64)
         window[: len(buf)] = buf
-        starts = np.arange(n_rows) * T  # (R,)
-        rows = window[starts[:, None] + np.arange(T + 1)[None, :]]  # (R, T + 1)
-        return self._batch(rows, logical, None, valid=len(buf) - 1)
+        return self._batch(window, np.arange(n_rows) * T, logical, None, valid=len(buf) - 1)
 
 
 # --------------------------------------------------------------------------------------------------
