@@ -16,7 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmtrain.config import TrainingConfig
+
 IGNORE_INDEX = -100
+DEFAULT_CHUNK = TrainingConfig.loss_chunk  # tokens per chunk; the config field documents it
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -75,7 +78,7 @@ def lm_loss_sum(
     h: torch.Tensor,  # (N, C): final hidden states
     weight: torch.Tensor,  # (V, C): the output projection
     labels: torch.Tensor,  # (N,): next tokens, IGNORE_INDEX where no loss is wanted
-    chunk_size: int = 512,  # rows per chunk of the fused path; 0 takes the plain path
+    chunk_size: int = DEFAULT_CHUNK,  # rows per chunk of the fused path; 0 takes the plain path
 ) -> torch.Tensor:
     """Sum of the next-token cross-entropy (fp32 scalar) over the rows whose label is not ignored.
 

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmtrain.errors import UserError
-from lmtrain.losses import lm_loss_sum
+from lmtrain.losses import DEFAULT_CHUNK, lm_loss_sum
 from profiling.nvtx import nvtx_range
 
 
@@ -419,7 +419,7 @@ class Transformer(nn.Module):
         start_pos: int = 0,  # position of tokens[:, 0] (non-zero only with a cache)
         last_only: bool = False,  # logits of the last position only: (B, 1, vocab), for sampling
         labels: torch.Tensor | None = None,  # (B, T): return the summed next-token loss instead of logits
-        loss_chunk: int = 512,  # with labels: rows per chunk of the fused head + loss (0: plain logits)
+        loss_chunk: int = DEFAULT_CHUNK,  # with labels: rows per chunk of the fused head + loss (0: plain)
     ) -> torch.Tensor:
         B, T = tokens.shape
         if start_pos + T > self.args.seq_len:

@@ -43,7 +43,7 @@ from lmtrain.distributed import (
 from lmtrain.errors import UserError
 from lmtrain.hooks import StepHooks
 from lmtrain.log import init_logging, logger, make_metric_logger
-from lmtrain.losses import IGNORE_INDEX
+from lmtrain.losses import DEFAULT_CHUNK, IGNORE_INDEX
 from lmtrain.metrics import StepTimer, Throughput, mfu, peak_memory_gib, resolve_peak, write_loss_plot
 from lmtrain.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from lmtrain.precision import LossScaler, autocast, build_loss_scaler, compute_dtype, torch_dtype
@@ -137,7 +137,7 @@ def no_grad_sync(model: nn.Module, enabled: bool):
     return contextlib.nullcontext()
 
 
-def loss_sum(model: nn.Module, batch: dict, device: torch.device, amp, loss_chunk: int = 512) -> torch.Tensor:
+def loss_sum(model: nn.Module, batch: dict, device: torch.device, amp, loss_chunk: int) -> torch.Tensor:
     """Sum of next-token cross-entropy over the non-ignored labels of one micro-batch (fp32).
 
     The model computes it in its forward (`labels=`), fusing the output projection with the loss in
@@ -172,7 +172,7 @@ def train_step(
     amp,
     max_norm: float,
     hooks: StepHooks,
-    loss_chunk: int = 512,
+    loss_chunk: int = DEFAULT_CHUNK,
 ) -> StepResult:
     """One optimizer step over `micro_batches` (gradient accumulation), loss normalised by the number
     of non-ignored tokens of the whole global batch, so that N processes with batch B/N give the same
@@ -210,7 +210,7 @@ def train_step(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader, max_batches: int, device: torch.device, amp, loss_chunk: int = 512
+    model: nn.Module, loader, max_batches: int, device: torch.device, amp, loss_chunk: int = DEFAULT_CHUNK
 ) -> float | None:
     """Mean loss over the non-ignored tokens of the first `max_batches` validation batches (all ranks)."""
     if loader is None:
