@@ -462,9 +462,8 @@ def gemm_kernels(export: Export, range_shapes: dict[str, tuple[int, int, int, in
         conn.execute(f"DROP TABLE IF EXISTS temp.{t}")
 
     # The op ranges (the bulk: one per op call) go into a scratch database on a second connection while
-    # this one collects the GEMMs and the user ranges; two cores nearly halve that phase.
-    if "w" in {r[1] for r in conn.execute("PRAGMA database_list")}:
-        conn.execute("DETACH DATABASE w")
+    # this one collects the GEMMs and the user ranges; two cores nearly halve that phase. The scratch
+    # database is detached again on every way out.
     has_nvtx(export)  # fill the column cache here: the helper thread must not touch this connection
     with contextlib.ExitStack() as cleanup:
         helper = _connect(export.path, check_same_thread=False)

@@ -139,7 +139,7 @@ def derive(row: dict, peak_flops: float, bandwidth: float, total_ns: float) -> d
     return out
 
 
-def _kernel_totals(path: Path) -> list[dict]:
+def kernel_totals(path: Path) -> list[dict]:
     export = ns.open_export(path)
     try:
         return ns.kernel_summary(export)
@@ -163,7 +163,7 @@ def gemm_report(args, export: ns.Export) -> dict:
     # The per-name totals of all kernels need none of the GEMM tables: compute them on a second
     # connection meanwhile (SQLite runs each connection's statements on the calling thread only).
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        totals = pool.submit(_kernel_totals, export.path)
+        totals = pool.submit(kernel_totals, export.path)
         n_gemm = ns.gemm_kernels(export, range_shapes)
         all_kernels = totals.result()
     if n_gemm == 0:
