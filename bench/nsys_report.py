@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from profiling import nsys_sqlite as ns  # noqa: E402
-from profiling.nsys_synth import write_export  # noqa: E402
-from tools import nsys_gemm_report as report  # noqa: E402
+from lmtrain.profiling import nsys_sqlite as ns  # noqa: E402
+from lmtrain.profiling.nsys_synth import write_export  # noqa: E402
+from lmtrain.tools import nsys_gemm_report as report  # noqa: E402
 
 TARGET_S = 10.0
 

@@ -486,7 +486,7 @@ def wait_for(jobs: list, log=print) -> None:
 def write_report(
     out_dir: Path, runs: list[PlannedRun], log=print, generations: bool = True, max_new_tokens: int = 40
 ) -> Path:
-    from tools import ablation_report
+    from lmtrain.tools import ablation_report
 
     finished = [r.run_dir for r in runs if r.done]
     if not finished:

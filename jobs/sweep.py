@@ -289,13 +289,13 @@ def explain(run: Measured, base: Measured, singles: dict[str, float]) -> str:
 
 
 def write_report(runs: list[SweepRun], out_dir: Path, size: str, log=print) -> Path:
-    from tools import compare_runs
+    from lmtrain.tools import compare_runs
 
     finished = [r for r in runs if r.done]
     if not finished:
         raise UserError(f"no finished run in {out_dir} to report on")
-    from tools.common import markdown_table
-    from tools.runlog import load_runs
+    from lmtrain.tables import markdown_table
+    from lmtrain.tools.runlog import load_runs
 
     rows = compare_runs.compare(load_runs([str(r.run_dir) for r in finished]), warmup=1)
     compare_runs.print_table(rows, 1)

@@ -25,11 +25,30 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("lmtrain.bench:main", "benchmarks: `bench data|batching|generate|train|bpe`"),
 }
 
+# Layers above the core (the analysis tools) add subcommands through this entry-point group in their
+# distribution's metadata, so the core names none of them: `gemm-report = "lmtrain.tools...:main"`.
+PLUGIN_GROUP = "lmtrain.commands"
+
+
+def _plugins() -> dict[str, tuple[str, str]]:
+    from importlib.metadata import entry_points
+
+    found = {}
+    for ep in entry_points(group=PLUGIN_GROUP):
+        if ep.name not in SUBCOMMANDS:
+            found[ep.name] = (ep.value, f"(analysis tool: {ep.value.split(':')[0]})")
+    return dict(sorted(found.items()))
+
+
+def _commands() -> dict[str, tuple[str, str]]:
+    return {**SUBCOMMANDS, **_plugins()}
+
 
 def _usage() -> str:
-    width = max(len(name) for name in SUBCOMMANDS)
+    commands = _commands()
+    width = max(len(name) for name in commands)
     lines = ["usage: lmtrain <command> [options]", "", "commands:"]
-    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in commands.items()]
     lines += ["", "Run `lmtrain <command> --help` for the options of one command."]
     return "\n".join(lines)
 
@@ -57,14 +76,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmtrain {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
-    if name not in SUBCOMMANDS:
+    commands = SUBCOMMANDS if name in SUBCOMMANDS else _commands()
+    if name not in commands:
         import difflib
 
-        close = difflib.get_close_matches(name, list(SUBCOMMANDS), n=1)
+        close = difflib.get_close_matches(name, list(commands), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        print(f"error: unknown command '{name}'.{hint} Valid: {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        print(f"error: unknown command '{name}'.{hint} Valid: {', '.join(commands)}", file=sys.stderr)
         return 2
-    module_name, func_name = SUBCOMMANDS[name][0].split(":")
+    module_name, func_name = commands[name][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     return run_user_facing(func, rest)
 

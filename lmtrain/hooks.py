@@ -1,7 +1,7 @@
 """Step hooks: the points of the training step that profilers and instrumentation attach to.
 
 The training loop calls these unconditionally; the base class does nothing, so an uninstrumented run
-pays one method call per hook. `profiling.build_step_hooks(...)` returns a subclass that opens NVTX
+pays one method call per hook. `lmtrain.profiler.build_step_hooks(...)` returns a subclass that opens NVTX
 ranges, Nsight Systems capture ranges or a torch.profiler window.
 """
 

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 
 from lmtrain.errors import UserError
 from lmtrain.losses import DEFAULT_CHUNK, lm_loss_sum
-from profiling.nvtx import nvtx_range
+from lmtrain.nvtx import nvtx_range
 
 
 def _range(name: str):
-    """An NVTX range (see `profiling.nvtx`; free unless enabled) around eager code. Inside torch.compile
+    """An NVTX range (see `lmtrain.nvtx`; free unless enabled) around eager code. Inside torch.compile
     there is none: a push/pop is a Python side effect that would break the graph fullgraph=True needs,
     and the compiled kernels no longer map onto these modules anyway."""
     if torch.compiler.is_compiling():

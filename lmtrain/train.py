@@ -109,7 +109,7 @@ class StopRequest:
 
 
 def _build_step_hooks(cfg: TrainConfig, run_dir: Path, device: torch.device) -> StepHooks:
-    from profiling import build_step_hooks
+    from lmtrain.profiler import build_step_hooks
 
     return build_step_hooks(cfg.profiling, run_dir, device)
 

@@ -1,6 +1,6 @@
 """Read Nsight Systems SQLite exports (nsys 2022-2026): kernel totals, GEMM attribution, NVTX ranges.
 
-    from profiling.nsys_sqlite import open_export, kernel_summary, gemm_kernels, nvtx_summary
+    from lmtrain.profiling.nsys_sqlite import open_export, kernel_summary, gemm_kernels, nvtx_summary
     export = open_export("trace.sqlite")
     kernel_summary(export)[:5]
 
@@ -302,7 +302,7 @@ def nvtx_summary(export: Export) -> list[dict]:
     if not has_nvtx(export):
         raise UserError(
             f"{export.path}: no {NVTX} table: nothing was recorded with NVTX. Capture with "
-            "`nsys profile --trace=nvtx,...` and run with `--profiling.nvtx=true`."
+            "`nsys profile --trace=nvtx,...` and run with `--lmtrain.nvtx=true`."
         )
     _build_nvtx_table(export)
     conn = export.conn

@@ -1,6 +1,6 @@
 """Synthetic Nsight Systems SQLite exports with known answers, for tests and benchmarks.
 
-    python -c "from profiling.nsys_synth import write_export; print(write_export('/tmp/synth.sqlite', steps=2))"
+    python -c "from lmtrain.profiling.nsys_synth import write_export; print(write_export('/tmp/synth.sqlite', steps=2))"
 
 The export has the tables and columns the report reads (StringIds, META_DATA_EXPORT, TARGET_INFO_GPU,
 CUPTI_ACTIVITY_KIND_KERNEL/RUNTIME, NVTX_EVENTS) in the layout nsys writes: every kernel has a runtime

@@ -1,6 +1,6 @@
 """Dense bf16 peak throughput and HBM bandwidth of the GPUs lmtrain reports against.
 
-    from profiling.peaks import device_peaks, peaks_for_device_name
+    from lmtrain.profiling.peaks import device_peaks, peaks_for_device_name
     device_peaks("gh200")                          # DevicePeaks(key='gh200', tflops=989.0, ...)
     peaks_for_device_name("NVIDIA H100 80GB HBM3")  # -> the h100-sxm entry
 

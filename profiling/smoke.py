@@ -1,10 +1,10 @@
-"""python -m profiling.smoke --steps 4 --nvtx --run-dir /tmp/smoke
+"""python -m lmtrain.profiling.smoke --steps 4 --nvtx --run-dir /tmp/smoke
 
 A few training steps of a very small Llama-style model on random tokens, driven through the profiling
 step hooks exactly as the trainer drives them. Used to check NVTX ranges under `nsys profile
 --trace=nvtx,osrt` and the torch.profiler window on a CPU-only machine:
 
-    nsys profile --trace=nvtx,osrt -o /tmp/smoke python -m profiling.smoke --steps 3 --nvtx
+    nsys profile --trace=nvtx,osrt -o /tmp/smoke python -m lmtrain.profiling.smoke --steps 3 --nvtx
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def run(steps: int, run_dir: Path, *, nvtx: bool = False, torch_profile: bool = 
 
     from lmtrain.config import ProfilingConfig
     from lmtrain.model import Transformer, TransformerModelArgs
-    from profiling import build_step_hooks
+    from lmtrain.profiler import build_step_hooks
 
     torch.manual_seed(0)
     cfg = ProfilingConfig(profile=profile, profile_step_start=window[0], profile_step_end=window[1], nvtx=nvtx,
@@ -51,7 +51,9 @@ def run(steps: int, run_dir: Path, *, nvtx: bool = False, torch_profile: bool = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m profiling.smoke", description=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="python -m lmtrain.profiling.smoke", description=__doc__.split("\n\n", 1)[1]
+    )
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--run-dir", type=Path, default=Path("runs/profiling-smoke"))
     p.add_argument("--nvtx", action="store_true")

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from lmtrain.errors import UserError
-from tools import ablation_report as rep
+from lmtrain.tools import ablation_report as rep
 
 REPO = Path(__file__).resolve().parents[1]
 

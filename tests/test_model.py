@@ -243,8 +243,8 @@ def test_clean_state_dict_keys():
 
 
 def record_nvtx(monkeypatch) -> list[str]:
-    """Enable profiling.nvtx with a backend that records the names of the ranges it opens."""
-    import profiling.nvtx as nvtx
+    """Enable lmtrain.nvtx with a backend that records the names of the ranges it opens."""
+    import lmtrain.nvtx as nvtx
 
     opened: list[str] = []
     monkeypatch.setattr(nvtx, "_enabled", True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tools import nsys_gemm_report as report
+from lmtrain.tools import nsys_gemm_report as report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ def check_ranges(sqlite: Path, tmp_path: Path, steps: int) -> dict[str, dict]:
 @pytest.mark.nsys
 @pytest.mark.slow
 def test_profiling_hooks_under_nsys(tmp_path):
-    sqlite = capture(tmp_path, [sys.executable, "-m", "profiling.smoke", "--steps", "3", "--nvtx",
+    sqlite = capture(tmp_path, [sys.executable, "-m", "lmtrain.profiling.smoke", "--steps", "3", "--nvtx",
                                 "--run-dir", str(tmp_path / "run")])  # fmt: skip
     by_name = check_ranges(sqlite, tmp_path, steps=3)
     # two layers, three steps: each FFN range once per layer per step
@@ -126,7 +126,7 @@ def train_args(corpus: Path, out: Path, steps: int, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_trainer_under_nsys(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
-    argv = train_args(corpus, tmp_path / "run", 3, "--profiling.nvtx=true")
+    argv = train_args(corpus, tmp_path / "run", 3, "--lmtrain.nvtx=true")
     sqlite = capture(tmp_path, [sys.executable, "-m", "lmtrain.train", *argv])
     by_name = check_ranges(sqlite, tmp_path, steps=3)
     # the model's ranges also appear in the final evaluation, outside any step

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from lmtrain.errors import UserError
-from profiling import nsys_sqlite as ns
-from profiling.nsys_synth import write_export
-from tools import nsys_gemm_report as report
+from lmtrain.profiling import nsys_sqlite as ns
+from lmtrain.profiling.nsys_synth import write_export
+from lmtrain.tools import nsys_gemm_report as report
 
 
 def gpukernsum_by_name(path: Path) -> dict[str, tuple[int, int]]:

@@ -6,10 +6,11 @@ import json
 
 import pytest
 
+from lmtrain import nvtx
 from lmtrain.config import ProfilingConfig
 from lmtrain.hooks import StepHooks
-from profiling import ProfilingHooks, build_step_hooks, nvtx
-from profiling.smoke import run
+from lmtrain.profiler import ProfilingHooks, build_step_hooks
+from lmtrain.profiling.smoke import run
 
 
 @pytest.fixture(autouse=True)

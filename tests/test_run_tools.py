@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tools import compare_runs, plot_loss
-from tools.common import run_tool
-from tools.runlog import parse_course_line
+from lmtrain.tools import compare_runs, plot_loss
+from lmtrain.tools.common import run_tool
+from lmtrain.tools.runlog import parse_course_line
 
 COURSE_LOG = """\
 2025-03-01 10:00:00,000 - root - INFO - Setting up DataLoaders...

@@ -20,9 +20,11 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lmtrain.atomic import atomic_savefig, atomic_write_text  # noqa: E402
 from lmtrain.errors import UserError  # noqa: E402
-from tools.common import atomic_savefig, atomic_write_text, fmt, markdown_table, run_tool  # noqa: E402
-from tools.runlog import Run, load_runs  # noqa: E402
+from lmtrain.tables import fmt, markdown_table  # noqa: E402
+from lmtrain.tools.common import run_tool  # noqa: E402
+from lmtrain.tools.runlog import Run, load_runs  # noqa: E402
 
 HEADERS = ["run", "steps", "tokens/s", "±", "TFLOP/s", "±", "MFU %", "±", "peak mem GiB", "final loss",
            "final val loss", "speed-up"]  # fmt: skip

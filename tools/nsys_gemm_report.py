@@ -28,10 +28,12 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lmtrain.atomic import atomic_write_text  # noqa: E402
 from lmtrain.errors import UserError  # noqa: E402
-from profiling import nsys_sqlite as ns  # noqa: E402
-from profiling.peaks import DEFAULT_KEY, PEAKS, DevicePeaks, device_peaks, peaks_for_device_name  # noqa: E402
-from tools.common import atomic_write_text, fmt, markdown_table, run_tool  # noqa: E402
+from lmtrain.profiling import nsys_sqlite as ns  # noqa: E402
+from lmtrain.profiling.peaks import DEFAULT_KEY, PEAKS, DevicePeaks, device_peaks, peaks_for_device_name  # noqa: E402
+from lmtrain.tables import fmt, markdown_table  # noqa: E402
+from lmtrain.tools.common import run_tool  # noqa: E402
 
 GROUP_TITLES = {"kernel": "GEMM kernels by name", "range": "GEMMs by NVTX range", "layer": "GEMMs by layer"}
 

@@ -16,9 +16,10 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lmtrain.atomic import atomic_savefig  # noqa: E402
 from lmtrain.errors import UserError  # noqa: E402
-from tools.common import atomic_savefig, run_tool  # noqa: E402
-from tools.runlog import Run, load_runs  # noqa: E402
+from lmtrain.tools.common import run_tool  # noqa: E402
+from lmtrain.tools.runlog import Run, load_runs  # noqa: E402
 
 
 def moving_average(values: list[float], window: int) -> list[float]:

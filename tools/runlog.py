@@ -1,6 +1,6 @@
 """Read training runs: lmtrain run directories (metrics.jsonl) and the course train.py's stdout logs.
 
-    python -c "from tools.runlog import load_runs; print(load_runs(['runs/*'])[0].records[:2])"
+    python -c "from lmtrain.tools.runlog import load_runs; print(load_runs(['runs/*'])[0].records[:2])"
 
 Every record is normalised to the keys `step`, `loss`, `val_loss`, `tokens_per_s`, `tflops`, `mfu_pct`
 (percent), `peak_mem_gib`; missing values are absent. The course log lines look like
@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmtrain.errors import UserError
-from tools.common import REPO  # noqa: F401  (puts the repository on sys.path)
 
 # metrics.jsonl key -> normalised key (first match wins); MFU there is a fraction.
 _JSONL_KEYS = {

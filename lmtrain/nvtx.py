@@ -1,6 +1,6 @@
 """NVTX ranges that cost nothing unless enabled.
 
-    from profiling.nvtx import nvtx_range
+    from lmtrain.nvtx import nvtx_range
     with nvtx_range("FeedForward/w1"):
         ...
 

@@ -1,6 +1,6 @@
 """Summary of a torch.profiler window: time per training phase and the top operators by self time.
 
-    python -c "from profiling.torch_summary import summary_markdown; help(summary_markdown)"
+    python -c "from lmtrain.torch_summary import summary_markdown; help(summary_markdown)"
 
 Phases come from the record_function labels the step hooks open (`lmtrain/forward`, `lmtrain/backward`,
 `lmtrain/optimizer`, and `lmtrain/data_wait` from the start of a step until its forward pass: the time
@@ -59,7 +59,7 @@ def summarise(prof, steps: int, top: int = 15) -> dict:
 
 
 def summary_markdown(summary: dict) -> str:
-    from tools.common import fmt, markdown_table
+    from lmtrain.tables import fmt, markdown_table
 
     out = [f"# torch.profiler summary ({summary['steps']} steps)\n\n## Phases\n\n"]
     out.append(
@@ -99,7 +99,7 @@ def summary_markdown(summary: dict) -> str:
 
 def write_summary(summary: dict, path: Path, print_it: bool = True) -> Path:
     """Write the markdown summary atomically (and print it as rich tables)."""
-    from tools.common import atomic_write_text
+    from lmtrain.atomic import atomic_write_text
 
     atomic_write_text(path, summary_markdown(summary))
     if print_it:
