@@ -15,6 +15,17 @@ NVTX push/pop ranges through the first backend that loads:
 3. `torch.cuda.nvtx` (needs a CUDA build of PyTorch).
 
 Without a profiler attached, NVTX calls return at once (no injection library is loaded).
+
+GEMM ranges describe themselves, so that a trace is read with no model config:
+
+    FeedForward/w1 [gemm M=8192 N=1536 K=512 dtype=bf16]
+    Attention/sdpa [gemm B=64 M=1024 N=1024 K=64 dtype=bf16]
+
+`NAME [gemm B=.. M=.. N=.. K=.. dtype=..]`: the range's (batched) product is B independent M x K @ K x N
+GEMMs, B omitted when 1; dtype is the input type (`bf16`, `fp16`, `fp32`, `fp8`, ...). `gemm_range(name,
+m, n, k)` returns the plain no-op while ranges are disabled and formats the text only when enabled;
+`parse_gemm_label(text)` reads it back. The FLOPs of a range are 2 B M N K, however many kernels it
+launches.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import re
 
 _NULL = contextlib.nullcontext()
 _enabled = False
@@ -61,6 +73,77 @@ def nvtx_range(name: str):
     if not _enabled:
         return _NULL
     return _Range(name)
+
+
+def gemm_label(name: str, m: int, n: int, k: int, batch: int = 1, dtype: str | None = None) -> str:
+    """`name [gemm B=.. M=.. N=.. K=.. dtype=..]`, the self-describing GEMM range text."""
+    dims = (f"B={batch} " if batch != 1 else "") + f"M={m} N={n} K={k}"
+    return f"{name} [gemm {dims}{f' dtype={dtype}' if dtype else ''}]"
+
+
+_GEMM_LABEL = re.compile(r"^(?P<name>.*?) \[gemm (?P<fields>[^\]]*)\]$")
+_GEMM_FIELD = re.compile(r"(B|M|N|K|dtype)=(\S+)")
+
+
+def parse_gemm_label(text: str) -> tuple[str, tuple[int, int, int, int, str | None]] | None:
+    """(name, (batch, M, N, K, dtype)) of a gemm_label() text, or None for any other range text."""
+    match = _GEMM_LABEL.match(text)
+    if not match:
+        return None
+    fields = dict(_GEMM_FIELD.findall(match.group("fields")))
+    try:
+        dims = tuple(int(fields[key]) for key in ("M", "N", "K"))
+        batch = int(fields.get("B", 1))
+    except (KeyError, ValueError):
+        return None
+    return match.group("name"), (batch, *dims, fields.get("dtype"))
+
+
+def gemm_range(name: str, m: int, n: int, k: int, batch: int = 1, dtype=None):
+    """nvtx_range() whose text carries the GEMM's shape (see the module docstring); free when disabled.
+
+    `dtype` may be a torch.dtype or a string; the text is only formatted while ranges are enabled.
+    """
+    if not _enabled:
+        return _NULL
+    return _Range(gemm_label(name, m, n, k, batch, _dtype_name(dtype)))
+
+
+def linear_range(name: str, x, weight):
+    """gemm_range() of `x @ weight.T` (an nn.Linear): M = rows of x, N = out features, K = in features."""
+    if not _enabled:
+        return _NULL
+    k = x.shape[-1]
+    return _Range(gemm_label(name, x.numel() // k, weight.shape[0], k, 1, _dtype_name(_compute_dtype(x))))
+
+
+def attention_range(name: str, q, k):
+    """gemm_range() of attention's two products for q (B, H, T, hd) and k (B, Hkv, S, hd): Q K^T and P V
+    are 2·B·H GEMMs with the FLOPs of T x S x hd each (the math path; flash kernels are not GEMMs)."""
+    if not _enabled:
+        return _NULL
+    b, h, t, hd = q.shape
+    return _Range(gemm_label(name, t, k.shape[-2], hd, 2 * b * h, _dtype_name(_compute_dtype(q))))
+
+
+def _compute_dtype(x):
+    """The dtype a matmul on `x` runs in: autocast's when it is on for x's device, else x's own."""
+    import torch  # only reached with ranges enabled, from code that already uses torch
+
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+_TORCH_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64",
+                      "float8_e4m3fn": "fp8", "float8_e5m2": "fp8"}  # fmt: skip
+
+
+def _dtype_name(dtype) -> str | None:
+    if dtype is None:
+        return None
+    text = str(dtype).removeprefix("torch.")
+    return _TORCH_DTYPE_NAMES.get(text, text)
 
 
 def push(name: str) -> None:

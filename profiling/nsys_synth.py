@@ -10,6 +10,11 @@ thread (step > forward > layers.i > FeedForward/w1 > optional emit_nvtx op range
 on a GPU: per forward GEMM a `MmBackward0, seq = N` Function range (N = the forward op's seq) holding the
 two gradient GEMMs, each under its own `aten::mm` op range, and no user range. Each GEMM kernel lasts
 exactly its FLOPs / `gemm_tflops`, so the expected achieved rate is known.
+
+`range_style` picks how the FFN ranges name their GEMMs: "emit_nvtx" (user ranges `FeedForward/w1` with
+an `aten::mm, seq = N, op_id = N, sizes = ...` op range inside when `with_sizes`), "lmtrain" (lmtrain's
+self-describing `FeedForward/w1 [gemm M=.. N=.. K=.. dtype=bf16]`, no op ranges) or "plain" (a script's
+own `nvtx.annotate("w1")`: `w1`, `w3`, `w2` and no shapes). `gemm_name` is the GEMM kernel's name.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+
+from lmtrain.nvtx import gemm_label
 
 PID = 4242
 GLOBAL_PID = PID << 24
@@ -49,7 +56,10 @@ def write_export(
     gemm_tflops: float = 500.0,
     extra_kernels_per_gemm: int = 1,
     device_name: str | None = "NVIDIA H100 80GB HBM3",
+    range_style: str = "emit_nvtx",
+    gemm_name: str = GEMM_NAME,
 ) -> SynthResult:
+    assert range_style in ("emit_nvtx", "lmtrain", "plain"), range_style
     path = Path(path)
     path.unlink(missing_ok=True)
     conn = sqlite3.connect(path)
@@ -75,7 +85,7 @@ def write_export(
     )
     if device_name:
         conn.execute("INSERT INTO TARGET_INFO_GPU VALUES (0, ?)", (device_name,))
-    strings = {GEMM_NAME: 1, OTHER_NAME: 2, "cudaLaunchKernel": 3, "Kernel": 4}
+    strings = {gemm_name: 1, OTHER_NAME: 2, "cudaLaunchKernel": 3, "Kernel": 4}
     conn.executemany("INSERT INTO StringIds VALUES (?, ?)", [(i, s) for s, i in strings.items()])
 
     shapes = {
@@ -121,7 +131,7 @@ def write_export(
             op_id += 1
             sizes = f", sizes = [[{m}, {k}], [{k}, {n}]]" if with_sizes else ""
             o = push(f"{op}, op_id = {op_id}{sizes}", tid)
-        launch(strings[GEMM_NAME], round(2 * m * n * k / (gemm_tflops * 1e3)), tid)
+        launch(strings[gemm_name], round(2 * m * n * k / (gemm_tflops * 1e3)), tid)
         n_gemm += 1
         if o is not None:
             pop(o)
@@ -136,10 +146,13 @@ def write_export(
         for layer in range(n_layers):
             lr = push(f"layers.{layer}")
             for name in FFN_RANGES:
-                r = push(name)
                 _, m, n, k = shapes[name]
+                if range_style == "lmtrain":
+                    r = push(gemm_label(name, m, n, k, dtype="bf16"))
+                else:
+                    r = push(name if range_style == "emit_nvtx" else name.split("/")[-1])
                 seq += 1
-                emit_op = with_sizes or backward
+                emit_op = (with_sizes and range_style == "emit_nvtx") or backward
                 gemm(m, n, k, f"aten::mm, seq = {seq}" if emit_op else None)
                 forward_seqs.append((seq, (m, n, k)))
                 pop(r)

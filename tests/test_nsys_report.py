@@ -60,9 +60,15 @@ def test_h100_fixture_gemms(nsys_fixtures, tmp_path, capsys):
     ranges = {r["name"]: r for r in data["groups"]["range"]}
     assert ranges["aten::addmm"]["count"] > 300
     assert sum(r["total_ns"] for r in ranges.values()) == data["gemm_time_ns"]
-    assert "default reference" in data["peak_source"] and data["peak_tflops"] == 989.0
+    assert "default reference" in data["peak_source"]
+    assert {(p["device"], p["dtype"], p["peak_tflops"]) for p in data["peaks"]} == {
+        (0, "bf16", 989.0),
+        (1, "bf16", 989.0),
+    }
+    devices = {r["name"]: r["count"] for r in data["groups"]["device"]}
+    assert sum(devices.values()) == data["gemm_kernels"] and len(devices) == 2
     assert "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN" in out
-    assert "| nvjet_tst_192x192" in (tmp_path / "r.md").read_text()
+    assert "| `nvjet_tst_192x192" in (tmp_path / "r.md").read_text()
     assert (tmp_path / "r.csv").read_text().startswith("group,name,count,total_ns")
 
 
@@ -75,11 +81,17 @@ def test_a100_fixture_has_no_gemms_and_lists_top_kernels(nsys_fixtures, capsys):
 def test_device_detection_from_target_info_gpu(nsys_fixtures):
     export = ns.open_export(nsys_fixtures / "perlmutter-cloverleaf-cuda.sqlite")
     args = report.build_parser().parse_args([str(export.path)])
-    flops, bandwidth, source = report.resolve_peaks(args, export)
-    assert (flops, bandwidth) == (312e12, 2.0e12) and "A100-SXM4-80GB" in source
-    args = report.build_parser().parse_args([str(export.path), "--gpu", "gh200", "--peak-bandwidth", "1e12"])
-    flops, bandwidth, source = report.resolve_peaks(args, export)
-    assert (flops, bandwidth) == (989e12, 1e12) and "--gpu gh200" in source and "overridden" in source
+    base, labels, notes = report.resolve_peaks(args, export, [3])
+    assert base[3].key == "a100-sxm-80gb" and labels[3] == "3: NVIDIA A100-SXM4-80GB" and not notes
+    assert report.peak_table(args, base, {"bf16", "fp32"}) == {
+        (3, "bf16"): (312e12, 2.039e12),
+        (3, "fp32"): (19.5e12, 2.039e12),
+    }
+    args = report.build_parser().parse_args([str(export.path), "--gpu", "gh200", "--peak-tbs", "1"])
+    base, _, notes = report.resolve_peaks(args, export, [3])
+    assert (
+        report.peak_table(args, base, {"bf16"}) == {(3, "bf16"): (989e12, 1e12)} and "--gpu gh200" in notes[0]
+    )
 
 
 def test_minimal_column_export(nsys_fixtures, tmp_path, capsys):
@@ -89,7 +101,8 @@ def test_minimal_column_export(nsys_fixtures, tmp_path, capsys):
     assert rc == 0, err
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["nsys_version"] == "2026.1.1.204"
-    assert "NVIDIA H100 80GB HBM3" in data["peak_source"] and data["peak_bandwidth"] == 3.35e12
+    assert "NVIDIA H100 80GB HBM3" in data["peak_source"]
+    assert {p["bandwidth"] for p in data["peaks"]} == {3.35e12}
     (row,) = data["groups"]["kernel"]
     assert row["name"].startswith("void cutlass::gemm_nn_128x128") and row["count"] == 200
 
@@ -332,18 +345,32 @@ def test_empty_capture_window(tmp_path, capsys):
     assert rc == 2 and "is empty" in err and "capture window" in err
 
 
-def test_unknown_device_needs_a_peak(tmp_path, capsys):
-    synth = write_export(tmp_path / "s.sqlite", steps=1, device_name="Tesla V100-SXM2-16GB")
-    rc, _, err = run([synth.path], capsys)
-    assert rc == 2 and "Tesla V100" in err and "--gpu" in err
-    rc, _, err = run([synth.path, "--peak-tflops", "125", "--peak-bandwidth", "9e11", "--quiet"], capsys)
+def test_unknown_device_keeps_the_time_tables_and_says_how_to_pass_peaks(tmp_path, capsys):
+    synth = write_export(tmp_path / "s.sqlite", steps=1, device_name="NVIDIA Quadro P1000")
+    rc, out, err = run([synth.path, "--json", tmp_path / "a.json"], capsys)
     assert rc == 0, err
+    assert "Quadro P1000" in out and "--gpu KEY" in out and "--peak-tflops T --peak-tbs B" in out
+    data = json.loads((tmp_path / "a.json").read_text())
+    row = data["groups"]["range"][0]
+    assert row["tflops"] == pytest.approx(500.0, rel=1e-3) and row["pct_peak"] is None and row["count"] == 2
+    # --peak-tflops alone: % of peak, no roofline bound (no bandwidth known), no traceback.
+    rc, _, err = run([synth.path, "--peak-tflops", "125", "--json", tmp_path / "b.json", "--quiet"], capsys)
+    assert rc == 0, err
+    row = json.loads((tmp_path / "b.json").read_text())["groups"]["range"][0]
+    assert row["pct_peak"] == pytest.approx(500.0 / 125, rel=1e-3) and row["bound_tflops"] is None
+    rc, _, err = run([synth.path, "--peak-tflops", "125", "--peak-tbs", "0.9", "--json", tmp_path / "c.json",
+                      "--quiet"], capsys)  # fmt: skip
+    assert rc == 0, err
+    row = json.loads((tmp_path / "c.json").read_text())["groups"]["range"][0]
+    assert row["bound_tflops"] == pytest.approx(min(125.0, row["ai"] * 0.9))
 
 
 def test_bad_numbers_and_missing_run_config(tmp_path, capsys):
     synth = write_export(tmp_path / "s.sqlite", steps=1)
     rc, _, err = run([synth.path, "--peak-tflops", "0", "--peak-bandwidth", "1"], capsys)
-    assert rc == 2 and "must be > 0" in err
+    assert rc == 2 and "--peak-tflops must be > 0" in err
+    rc, _, err = run([synth.path, "--peak-tbs", "-1"], capsys)
+    assert rc == 2 and "--peak-tbs must be > 0" in err
     rc, _, err = run([synth.path, "--tokens", "0"], capsys)
     assert rc == 2 and "--tokens" in err
     rc, _, err = run([synth.path, "--run", tmp_path], capsys)
