@@ -200,7 +200,8 @@ def kernel_summary(export: Export, limit: int | None = None) -> list[dict]:
 #     namespaces and template arguments; for a generic CUTLASS launcher (`cutlass::Kernel<X>`,
 #     `cutlass::Kernel2<X>`, `cutlass::device_kernel<X>`) the head of X. Template arguments are skipped
 #     because cuBLAS GEMMs carry GEMV parameter types (`gemmSN_NN_kernel<..., cublasGemvTensor...>`).
-#  4. Convolution (implicit-GEMM `fprop`/`dgrad`/`wgrad`, `implicit_convolve`, `conv`): class "conv".
+#  4. Convolution (implicit-GEMM `fprop`/`dgrad`/`wgrad`, `implicit_convolve`, `winograd`, `conv`, cuDNN's
+#     own `*_scudnn_*`/`*1688cudnn*` kernels, also inside TensorRT): class "conv".
 #  5. GEMV, pooling and cuDNN's helpers (`computeOffsetsKernel`, `compute_gemm_pointers`): not GEMMs.
 #  6. cuBLAS split-K reductions (`splitKreduce_kernel`): class "gemm", counted with the GEMM they finish.
 #  7. `gemm` anywhere in the head (cuBLAS `gemmSN_*`, `gemmk1_kernel`, `ampere_sgemm_*`, `volta_h884gemm_*`,
@@ -209,7 +210,7 @@ def kernel_summary(export: Export, limit: int | None = None) -> list[dict]:
 GEMM, CONV = "gemm", "conv"
 _ATTENTION = re.compile(r"flash|fmha|attention|attn", re.IGNORECASE)
 _CUTLASS_LAUNCHERS = {"Kernel", "Kernel2", "device_kernel"}
-_CONV = re.compile(r"conv|fprop|dgrad|wgrad", re.IGNORECASE)
+_CONV = re.compile(r"conv|fprop|dgrad|wgrad|winograd|cudnn", re.IGNORECASE)
 _NOT_GEMM_HEAD = re.compile(r"gemv|pool|computeOffsets|compute_gemm_pointers", re.IGNORECASE)
 _SPLIT_K = re.compile(r"split_?k_?reduce|reduce_?split_?k", re.IGNORECASE)
 _GEMM_HEAD = re.compile(r"gemm|^nvjet_", re.IGNORECASE)
@@ -252,10 +253,11 @@ def is_gemm(name: str, user_pattern: re.Pattern | None = None) -> bool:
 
 
 # The GEMM's input type from its kernel name, for the peak it is judged against and the bytes per
-# element. nvjet names code the types in letters after `nvjet_` (`tst`: bf16 in, `hsh`: fp16, `sss`: fp32,
-# `q`/`e`: fp8, `d`: fp64); the others spell them (xmma `bf16bf16_bf16f32`, CUTLASS `tensorop_bf16_s16816gemm`,
-# `f32f32_tf32f32`) or use the BLAS letter (`sgemm`, `hgemm`, `dgemm`, `h884gemm`); cuBLAS templates name
-# the C type (`gemmSN_NN_kernel<float, ...>`). Checked in this order: the first that matches wins.
+# element. nvjet names code the types in letters after `nvjet_[smNN_]` (`tst`: bf16 in, `hsh`: fp16,
+# `sss`: fp32, `sss_tf32`: tf32, `q`/`e`: fp8, `d`: fp64); the others spell them (xmma `bf16bf16_bf16f32`,
+# CUTLASS `tensorop_bf16_s16816gemm`, `f32f32_tf32f32`) or use the BLAS letter (`sgemm`, `hgemm`, `dgemm`,
+# `h884gemm`); cuBLAS templates name the C type (`gemmSN_NN_kernel<float, ...>`). Checked in this order:
+# the first that matches wins.
 _NVJET_TYPES = {"q": "fp8", "e": "fp8", "t": "bf16", "h": "fp16", "s": "fp32", "d": "fp64"}
 _DTYPE_PATTERNS: tuple[tuple[str, str], ...] = (
     (r"e4m3|e5m2|fp8|f8f8", "fp8"),
@@ -271,9 +273,9 @@ BYTES_PER_ELEMENT = {"fp8": 1, "bf16": 2, "fp16": 2, "tf32": 4, "fp32": 4, "fp64
 
 def kernel_dtype(name: str) -> str | None:
     """Input data type of a GEMM kernel (`bf16`, `fp16`, `tf32`, `fp32`, `fp64`, `fp8`), None if unnamed."""
-    nvjet = re.match(r"(?:void\s+)?nvjet_([a-z]+)_", name)
+    nvjet = re.match(r"(?:void\s+)?nvjet_(?:sm\d+_)?([a-z]+)_", name)
     if nvjet:
-        return _NVJET_TYPES.get(nvjet.group(1)[0])
+        return "tf32" if "_tf32" in name else _NVJET_TYPES.get(nvjet.group(1)[0])
     for pattern, dtype in _DTYPE_PATTERNS:
         if re.search(pattern, name, flags=re.IGNORECASE):
             return dtype

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+import re
 import sqlite3
 from collections import defaultdict
 from pathlib import Path
@@ -69,7 +71,7 @@ def test_h100_fixture_gemms(nsys_fixtures, tmp_path, capsys):
     assert sum(devices.values()) == data["gemm_kernels"] and len(devices) == 2
     assert "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN" in out
     assert "| `nvjet_tst_192x192" in (tmp_path / "r.md").read_text()
-    assert (tmp_path / "r.csv").read_text().startswith("group,name,count,total_ns")
+    assert (tmp_path / "r.csv").read_text().startswith("group,name,dtypes,count,total_ns,avg_ns,median_ns")
 
 
 def test_a100_fixture_has_no_gemms_and_lists_top_kernels(nsys_fixtures, capsys):
@@ -414,3 +416,265 @@ def test_without_the_memdb_vfs_a_scratch_file_gives_the_same_report(tmp_path, mo
         assert "w" not in attached, "the scratch database is detached afterwards"
     assert reports[0] == reports[1]
     assert any(r["name"] == "FeedForward/w1 (backward)" for r in reports[1]["range"])
+
+
+# ------------------------------------------------------------------------------ kernel classes and dtypes
+
+# Real kernel names as nsys, nvprof and the PyTorch profiler print them (public traces and reports).
+KERNEL_NAMES = [
+    # (family, name, class, dtype)
+    ("cuBLAS gemmSN", "void gemmSN_NN_kernel<float, 256, 4, 2, 8, 4, 4, false, cublasGemvTensorStridedBatched<float const>, "
+     "cublasGemvTensorStridedBatched<float const>, cublasGemvTensorStridedBatched<float>>(cublasGemmSmallNParams<"
+     "cublasGemvTensorStridedBatched<float const>, cublasGemvTensorStridedBatched<float const>, "
+     "cublasGemvTensorStridedBatched<float>, float>)", "gemm", "fp32"),
+    ("cuBLAS gemmk1", "void gemmk1_kernel<int, float, 256, 5, true, false, false, false, cublasGemvTensorStridedBatched<float "
+     "const>, cublasGemvTensorStridedBatched<float const>, cublasGemvTensorStridedBatched<float>, float, 0>"
+     "(cublasGemmk1Params<float, cublasGemvTensorStridedBatched<float const>, cublasGemvTensorStridedBatched<float const>, "
+     "cublasGemvTensorStridedBatched<float>, float, biasType<float, float>::type>)", "gemm", "fp32"),
+    ("cuBLAS sgemm", "volta_sgemm_128x64_nn", "gemm", "fp32"),
+    ("cuBLAS sgemm", "ampere_sgemm_128x64_tn", "gemm", "fp32"),
+    ("cuBLAS volta", "volta_h884gemm_256x128_ldg8_nn", "gemm", "fp16"),
+    ("cuBLAS maxwell", "maxwell_fp16_sgemm_fp16_64x64_nn", "gemm", "fp16"),
+    ("cuBLAS ampere", "ampere_fp16_s16816gemm_fp16_64x64_sliced1x2_ldg8_relu_f2f_stages_64x6_tn", "gemm", "fp16"),
+    ("cuBLAS ampere", "ampere_bf16_s16816gemm_bf16_128x64_ldg8_f2f_stages_64x4_tn", "gemm", "bf16"),
+    ("cuBLAS nvjet", "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN", "gemm", "bf16"),
+    ("cuBLAS nvjet", "nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_TNN", "gemm", "fp16"),
+    ("cuBLAS nvjet", "nvjet_sm90_hss_64x8_64x16_1x1_h_bz_splitK_NNT", "gemm", "fp16"),
+    ("cuBLAS xmma", "sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off"
+     "_kernel__5x_cublas", "gemm", "fp16"),
+    ("cuBLAS xmma", "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize1x1x1_execute_segment_k_off",
+     "gemm", "bf16"),
+    ("cuBLAS xmma", "sm80_xmma_gemm_f32f32_tf32f32_f32_nn_n_tilesize128x128x16_stage4_warpsize2x2x1_tensor16x8x8_kernel",
+     "gemm", "tf32"),
+    ("cuBLAS split-K", "void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16, float, __nv_bfloat16, true, "
+     "false, false>(cublasLt::cublasSplitKParams<float>, float const*, __nv_bfloat16 const*, __nv_bfloat16*, float const*, "
+     "float const*, __nv_bfloat16 const*, float const*, __nv_bfloat16*, void*, long, float*, int*)", "gemm", "bf16"),
+    ("CUTLASS 2", "cutlass_80_tensorop_f16_s16816gemm_relu_f16_128x128_32x4_tn_align8", "gemm", "fp16"),
+    ("CUTLASS 2", "void cutlass::Kernel<cutlass_80_tensorop_s1688gemm_64x64_16x6_tn_align4>(cutlass_80_tensorop_s1688gemm_"
+     "64x64_16x6_tn_align4::Params)", "gemm", "tf32"),
+    ("CUTLASS 2", "cutlass_80_tensorop_bf16_s16816gemm_bf16_128x128_32x4_tn_align8", "gemm", "bf16"),
+    ("CUTLASS 3", "cutlass3x_sm90_tensorop_gemm_bf16_bf16_f32_bf16_bf16_128x256x64_1x2x1_0_tnn_align8_warpspecialized_"
+     "cooperative_epi_tma", "gemm", "bf16"),
+    ("CUTLASS 3", "void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cute::tuple<int, int, int, int>, "
+     "cutlass::gemm::collective::CollectiveMma<cutlass::gemm::MainloopSm90TmaGmmaWarpSpecialized<4, cute::tuple<cute::C<2>, "
+     "cute::C<1>, cute::C<1>>, cutlass::gemm::KernelTmaWarpSpecializedCooperative>, cutlass::bfloat16_t>>>"
+     "(cutlass::gemm::kernel::GemmUniversal<cute::tuple<int, int, int, int>>::Params)", "gemm", "bf16"),
+    ("TensorRT", "trt_ampere_h16816gemm_128x64_ldg8_nn_v1", "gemm", "fp16"),
+    ("conv", "sm80_xmma_fprop_implicit_gemm_indexed_tf32f32_tf32f32_f32_nhwckrsc_nchw_tilesize128x128x16_stage4_warpsize2x2x1"
+     "_g1_tensor16x8x8_kernel", "conv", "tf32"),
+    ("conv", "sm86_xmma_dgrad_implicit_gemm_indexed_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize64x64x64_stage4_warpsize2x2x1_g1"
+     "_tensor16x8x16_kernel", "conv", "fp16"),
+    ("conv", "void implicit_convolve_sgemm<float, float, 1024, 5, 5, 3, 3, 3, 1, false, false, true>(int, int, int, float "
+     "const*, int, float*, float const*, kernel_conv_params, unsigned long long, int, float, float, int, float const*, "
+     "float const*, bool, int, int)", "conv", "fp32"),
+    ("conv", "trt_turing_h1688cudnn_256x128_ldg8_relu_exp_small_nhwc_tn_v1", "conv", "fp16"),
+    ("conv", "maxwell_scudnn_winograd_128x128_ldg1_ldg4_tile148n_nt", "conv", None),
+    ("not", "sm50_xmma_pooling_coalescedC_NHWC_kMAX_3_False_execute_kernel_trt", None, None),
+    ("not", "sm50_xmma_pooling_fw_4d_FP32FP32NHWC_Average_FastDiv_CAlign", None, None),
+    ("not", "void cudnn::gemm::computeOffsetsKernel<false, false>(cudnn::gemm::ComputeOffsetsParams)", None, None),
+    ("not", "compute_gemm_pointers(float2**, float2 const*, int, float2 const*, int, float2 const*, int, int)", None, None),
+    ("not", "void gemv2T_kernel_val<int, int, float, float, float, float, 128, 16, 4, 4, false, false, cublasGemvParamsEx<int, "
+     "cublasGemvTensorStridedBatched<float const>, cublasGemvTensorStridedBatched<float const>, "
+     "cublasGemvTensorStridedBatched<float>, float>>(float, float)", None, None),
+    ("not", "void flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, false, cutlass::bfloat16_t, "
+     "Flash_kernel_traits<128, 128, 64, 4, cutlass::bfloat16_t>>, false, true, false, false, true, true, false>"
+     "(Flash_fwd_params)", None, None),
+    ("not", "fmha_cutlassF_f32_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<float, cutlass::arch::Sm80, "
+     "true, 64, 64, 64, true, true>::Params)", None, None),
+    ("not", "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, "
+     "at::detail::Array<char*, 3>>(int, at::native::CUDAFunctor_add<float>, at::detail::Array<char*, 3>)", None, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "family, name, cls, dtype", KERNEL_NAMES, ids=[f"{f}:{n[:40]}" for f, n, _, _ in KERNEL_NAMES]
+)
+def test_kernel_class_and_dtype_of_real_kernel_names(family, name, cls, dtype):
+    assert ns.kernel_class(name) == cls
+    if cls is not None:
+        assert ns.kernel_dtype(name) == dtype
+
+
+def test_at_least_eight_gemm_families_are_recognised():
+    families = {f for f, _, cls, _ in KERNEL_NAMES if cls == "gemm"}
+    assert len(families) >= 8, families
+
+
+def test_gemm_pattern_adds_kernels_the_rule_does_not_know():
+    name = "nvfuser_matmul_f0_c1_r0_g0"
+    assert ns.kernel_class(name) is None
+    assert ns.kernel_class(name, re.compile(r"nvfuser_matmul")) == "gemm"
+
+
+# ------------------------------------------------------------------- TFLOP/s and % of peak, hand-computed
+
+
+def _hand_rates(
+    flops: float, seconds: float, elems: float, peak: float, bandwidth: float, bpe: int = 2
+) -> dict:
+    """TFLOP/s, % of peak and the roofline bound of kernels that all have the same shape."""
+    ai = flops / (elems * bpe)
+    return {
+        "tflops": flops / seconds / 1e12,
+        "pct_peak": flops / seconds / (peak * 1e12),
+        "ai": ai,
+        "bound_tflops": min(peak, ai * bandwidth / 1e12),
+    }
+
+
+def _check_row(row: dict, hand: dict) -> None:
+    for key, value in hand.items():
+        assert row[key] == pytest.approx(value, rel=1e-9), (row["name"], key)
+
+
+def test_emit_nvtx_sizes_on_the_real_h100_trace_give_every_gemm_its_rate(nsys_fixtures, tmp_path, capsys):
+    """The real 2-GPU export with emit_nvtx ranges, rewritten as if recorded with record_shapes=True."""
+    path = tmp_path / "mfu_shapes.sqlite"
+    shutil.copy(nsys_fixtures / "mfu_2gpu_before.sqlite", path)
+    # (M, N, K) per GEMM kernel name, written into the `aten::addmm` range around each launch.
+    shapes = {"nvjet_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN": (8192, 3072, 1024),
+              "nvjet_tst_192x208_64x4_1x1_h_bz_coopB_bias_TNT": (16384, 8192, 4096),
+              "nvjet_tst_96x64_64x10_1x2_h_bz_bias_TNN": (512, 1024, 256)}  # fmt: skip
+    conn = sqlite3.connect(path)
+    kernels = conn.execute(
+        'SELECT k.correlationId, k.globalPid, k."end" - k.start, s.value FROM CUPTI_ACTIVITY_KIND_KERNEL AS k '
+        "JOIN StringIds AS s ON s.id = k.demangledName WHERE s.value LIKE 'nvjet%'"
+    ).fetchall()
+    launches = {(c, tid >> 24): (tid, s, e) for c, tid, s, e in conn.execute(
+        'SELECT correlationId, globalTid, start, "end" FROM CUPTI_ACTIVITY_KIND_RUNTIME')}  # fmt: skip
+    ranges = defaultdict(list)
+    for tid, s, e, rowid, text in conn.execute(
+        'SELECT globalTid, start, "end", rowid, text FROM NVTX_EVENTS WHERE eventType = 59 AND "end" IS NOT NULL'
+    ):
+        ranges[tid].append((s, e, rowid, text))
+    # Brute force, independent of the tool: the innermost range around each kernel's launch call.
+    per_kernel = defaultdict(lambda: [0, 0])  # name -> [shaped kernels, their ns]
+    unshaped = 0
+    for corr, pid, dur, name in kernels:
+        launch = launches.get((corr, pid >> 24))
+        if launch is None:
+            unshaped += 1
+            continue
+        tid, start, end = launch
+        s, e, rowid, text = max((r for r in ranges[tid] if r[0] <= start and r[1] >= end), key=lambda r: r[0])
+        assert text.startswith("aten::addmm, seq = ")
+        m, n, k = shapes[name]
+        sizes = f", sizes = [[{n}], [{m}, {k}], [{k}, {n}], [], []]"
+        conn.execute("UPDATE NVTX_EVENTS SET text = ? WHERE rowid = ?", (text + sizes, rowid))
+        per_kernel[name][0] += 1
+        per_kernel[name][1] += dur
+    conn.commit()
+    conn.close()
+    assert unshaped == 2 and sum(c for c, _ in per_kernel.values()) == 335
+
+    rc, out, err = run(
+        [path, "--gpu", "h100-sxm", "--json", tmp_path / "r.json", "--markdown", tmp_path / "r.md"], capsys
+    )
+    assert rc == 0, err
+    data = json.loads((tmp_path / "r.json").read_text())
+    rows = {r["name"]: r for r in data["groups"]["kernel"]}
+    assert set(rows) == set(shapes)
+    for name, (m, n, k) in shapes.items():
+        count, ns_total = per_kernel[name]
+        hand = _hand_rates(
+            count * 2.0 * m * n * k, ns_total / 1e9, count * (m * k + k * n + m * n), 989.0, 3.35e12
+        )
+        _check_row(rows[name], hand)
+        assert rows[name]["dtypes"] == "bf16"
+    addmm = {r["name"]: r for r in data["groups"]["range"]}["aten::addmm"]
+    assert addmm["count"] == 335 and addmm["tflops"] is not None and addmm["pct_peak"] is not None
+    # The two GEMMs without a launch call in the export have no range, so no shape: said in one line.
+    assert "2 GEMM kernels" in out and "have no shape" in out
+    assert "emit_nvtx ranges (" not in data["shapes_source"]
+    assert "| `nvjet_tst_192x192" in (tmp_path / "r.md").read_text()
+
+
+def test_lmtrain_self_describing_ranges_need_no_flags(tmp_path, capsys):
+    synth = write_export(tmp_path / "s.sqlite", steps=2, n_layers=2, range_style="lmtrain", gemm_tflops=400.0,
+                         tokens=4096, dim=512, hidden=1536)  # fmt: skip
+    rc, out, err = run([synth.path, "--json", tmp_path / "r.json", "--csv", tmp_path / "r.csv"], capsys)
+    assert rc == 0, err
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert "lmtrain self-describing ranges" in data["shapes_source"] and "no shape" not in out
+    ranges = {r["name"]: r for r in data["groups"]["range"]}
+    assert set(ranges) == set(synth.ffn_shapes)  # grouped by range name, without the shape text
+    for name, (b, m, n, k) in synth.ffn_shapes.items():
+        count = 2 * 2
+        flops = count * 2.0 * b * m * n * k
+        seconds = count * round(2 * m * n * k / 400e3) / 1e9
+        _check_row(ranges[name], _hand_rates(flops, seconds, count * (m * k + k * n + m * n), 989.0, 3.35e12))
+    (kernel,) = data["groups"]["kernel"]
+    assert kernel["pct_peak"] == pytest.approx(400.0 / 989.0, rel=1e-3)
+    assert {r["name"] for r in data["groups"]["layer"]} == {"layers.0", "layers.1"}
+    assert all(r["tflops"] is not None for rows in data["groups"].values() for r in rows)
+    header = (tmp_path / "r.csv").read_text().splitlines()[0].split(",")
+    assert {"median_ns", "launch", "pct_peak", "bound_tflops", "ai", "dtypes"} <= set(header)
+
+
+def test_a_script_of_ones_own_gets_rates_from_a_shapes_file(tmp_path, capsys):
+    """A student's train.py with nvtx.annotate("w1") etc. and no shapes in the trace: --shapes gives them."""
+    synth = write_export(tmp_path / "s.sqlite", steps=1, n_layers=2, range_style="plain", gemm_tflops=250.0,
+                         tokens=2048, dim=256, hidden=768, device_name="NVIDIA A100-SXM4-80GB")  # fmt: skip
+    rc, out, _ = run([synth.path, "--json", tmp_path / "a.json", "--quiet"], capsys)
+    assert all(r["tflops"] is None for r in json.loads((tmp_path / "a.json").read_text())["groups"]["range"])
+    shapes = tmp_path / "shapes.yaml"
+    shapes.write_text(
+        "- {range: w1, M: 2048, N: 768, K: 256, dtype: bf16}\n"
+        "- {range: w3, M: 2048, N: 768, K: 256}\n"
+        "- {range: w2, M: 2048, N: 256, K: 768}\n"
+        "- {range: never_there, M: 1, N: 1, K: 1}\n"
+    )
+    rc, out, err = run([synth.path, "--shapes", shapes, "--json", tmp_path / "b.json"], capsys)
+    assert rc == 0, err
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert "entry 4 matched no NVTX range name ('never_there')" in out
+    ranges = {r["name"]: r for r in data["groups"]["range"]}
+    for name, (m, n, k) in {"w1": (2048, 768, 256), "w3": (2048, 768, 256), "w2": (2048, 256, 768)}.items():
+        count = 2
+        seconds = count * round(2 * m * n * k / 250e3) / 1e9
+        hand = _hand_rates(count * 2.0 * m * n * k, seconds, count * (m * k + k * n + m * n), 312.0, 2.039e12)
+        _check_row(ranges[name], hand)
+    # The same from --shape flags; a kernel-name pattern gives every kernel of that name the shape.
+    rc, out, err = run([synth.path, "--shape", "w*=2048x768x256:bf16", "--shape", "nope=1x2x3",
+                        "--json", tmp_path / "c.json"], capsys)  # fmt: skip
+    assert rc == 0, err
+    assert "--shape 'nope=1x2x3' matched no NVTX range or GEMM kernel name" in out
+    ranges = {r["name"]: r for r in json.loads((tmp_path / "c.json").read_text())["groups"]["range"]}
+    assert ranges["w1"]["tflop"] == pytest.approx(2 * 2 * 2048 * 768 * 256 / 1e12)
+    rc, _, err = run([synth.path, "--shape", "nvjet_tst_*=4x2048x768x256", "--json", tmp_path / "d.json",
+                      "--quiet"], capsys)  # fmt: skip
+    assert rc == 0, err
+    (kernel,) = json.loads((tmp_path / "d.json").read_text())["groups"]["kernel"]
+    assert kernel["flops"] == pytest.approx(6 * 4 * 2.0 * 2048 * 768 * 256)
+
+
+def test_pyprof_dict_ranges_carry_shapes_and_dtype(tmp_path, capsys):
+    synth = write_export(tmp_path / "s.sqlite", steps=1, n_layers=1, range_style="plain", gemm_tflops=100.0,
+                         tokens=64, dim=32, hidden=96)  # fmt: skip
+    marker = ("{'mod': 'torch.nn.functional', 'op': 'linear', 'args': [{'name': '', 'type': 'tensor', "
+              "'shape': (64, 32), 'dtype': 'float32'}, {'name': '', 'type': 'tensor', 'shape': (96, 32), "
+              "'dtype': 'float32'}]}")  # fmt: skip
+    with sqlite3.connect(synth.path) as conn:
+        conn.execute("UPDATE NVTX_EVENTS SET text = ? WHERE text = 'w1'", (marker,))
+    rc, _, err = run([synth.path, "--json", tmp_path / "r.json", "--quiet"], capsys)
+    assert rc == 0, err
+    data = json.loads((tmp_path / "r.json").read_text())
+    row = {r["name"]: r for r in data["groups"]["range"]}["torch.nn.functional.linear"]
+    assert row["flops"] == pytest.approx(2.0 * 64 * 96 * 32)
+    # The kernel's own name says bf16 (nvjet_tst): that, not the marker's fp32, picks peak and bytes.
+    assert row["dtypes"] == "bf16" and row["bytes"] == pytest.approx(2 * (64 * 32 + 32 * 96 + 64 * 96))
+    assert "pyprof/DLProf dict ranges" in data["shapes_source"]
+
+
+def test_the_peak_follows_the_gemm_dtype(tmp_path, capsys):
+    """An fp32 sgemm on an A100 is judged against 19.5 TFLOP/s, not the 312 of bf16; 4 bytes per element."""
+    synth = write_export(tmp_path / "s.sqlite", steps=1, n_layers=1, gemm_tflops=15.0, gemm_name="ampere_sgemm_128x64_nn",
+                         device_name="NVIDIA A100-SXM4-80GB", tokens=1024, dim=256, hidden=512)  # fmt: skip
+    rc, _, err = run([synth.path, "--json", tmp_path / "r.json", "--quiet"], capsys)
+    assert rc == 0, err
+    data = json.loads((tmp_path / "r.json").read_text())
+    for name, (_, m, n, k) in synth.ffn_shapes.items():
+        row = {r["name"]: r for r in data["groups"]["range"]}[name]
+        seconds = round(2 * m * n * k / 15e3) / 1e9
+        _check_row(row, _hand_rates(2.0 * m * n * k, seconds, m * k + k * n + m * n, 19.5, 2.039e12, bpe=4))
+        assert row["dtypes"] == "fp32"

@@ -337,7 +337,8 @@ def derive(row: dict, gemm_ns: float) -> dict:
     for key in ("total", "min", "max", "median"):
         value = row.get(f"{key}_ns")
         out[f"{key}_ms"] = None if value is None else value / 1e6
-    out["avg_ms"] = row["total_ns"] / row["count"] / 1e6
+    out["avg_ns"] = row["total_ns"] / row["count"]
+    out["avg_ms"] = out["avg_ns"] / 1e6
     out["time_share"] = row["total_ns"] / gemm_ns if gemm_ns else None
     flops, nbytes, shaped_ns = row.get("flops"), row.get("bytes"), row.get("shaped_ns")
     out.update(
@@ -423,7 +424,7 @@ def gemm_report(args, export: ns.Export) -> dict:
             for r in rows:
                 r["name"] = labels.get(None if r["name"] == -1 else r["name"], str(r["name"]))
         groups[by] = [derive(r, gemm_ns) for r in rows]
-    notes += _shape_notes(export, sources, groups["kernel"], gemm_ns, model_desc)
+    notes += _shape_notes(export, sources, gemm_ns, model_desc)
     if any(t is None for _, t in pairs):
         notes.append(f"GEMMs whose kernel name and shape give no dtype are taken as {ASSUMED_DTYPE}.")
     if convs:
@@ -464,33 +465,34 @@ def _peak_source(args, labels: dict) -> str:
     return "; ".join(parts)
 
 
-def _shape_notes(
-    export, sources: ShapeSources, kernel_rows: list[dict], gemm_ns: float, model_desc
-) -> list[str]:
-    notes = []
-    if model_desc:
-        notes.append(f"model config: {model_desc}")
+def _shape_notes(export, sources: ShapeSources, gemm_ns: float, model_desc) -> list[str]:
+    """One line per user shape that matched nothing, and one saying which source would give the GEMMs
+    without a shape their FLOPs."""
+    notes = [f"model config: {model_desc}"] if model_desc else []
+    targets = {"range": "NVTX range", "kernel": "GEMM kernel", "any": "NVTX range or GEMM kernel"}
     for spec in sources.specs:
         if spec.matched == 0:
-            what = {"range": "NVTX range", "kernel": "GEMM kernel", "any": "NVTX range or GEMM kernel"}[
-                spec.target
-            ]
-            notes.append(f"{spec.origin} matched no {what} name ('{spec.pattern}').")
-    unshaped = [r for r in kernel_rows if not r.get("flops")]
-    if unshaped:
-        count = sum(r["count"] for r in unshaped)
-        time_ns = sum(r["total_ns"] for r in unshaped)
-        has_ops = export.conn.execute("SELECT 1 FROM op_sz LIMIT 1").fetchone() is not None
-        hint = (
-            "the emit_nvtx ranges carry no sizes: profile under torch.autograd.profiler.emit_nvtx(record_shapes=True)"
-            if has_ops
-            else "profile lmtrain with profiling.nvtx on (self-describing ranges), or PyTorch under "
-            "emit_nvtx(record_shapes=True)"
-        )
-        notes.append(
-            f"{count} GEMM kernels ({time_ns / 1e6:.3f} ms, {100 * time_ns / gemm_ns:.1f}% of GEMM time) have no "
-            f"shape, so no FLOPs: {hint}, or give --shape 'RANGE_OR_KERNEL=MxNxK[:dtype]' / --shapes FILE.yaml."
-        )
+            notes.append(f"{spec.origin} matched no {targets[spec.target]} name ('{spec.pattern}').")
+    count, time_ns, in_ops, in_ranges = export.conn.execute(
+        "SELECT COUNT(*), SUM(dur), COUNT(op_id), SUM(op_id IS NULL AND user_id IS NOT NULL) FROM ga "
+        "WHERE flops IS NULL"
+    ).fetchone()
+    if not count:
+        return notes
+    hints = []
+    if in_ops:
+        hints.append(f"{in_ops} run in emit_nvtx op ranges without sizes: profile under "
+                     "torch.autograd.profiler.emit_nvtx(record_shapes=True)")  # fmt: skip
+    if in_ranges:
+        hints.append(f"{in_ranges} run in NVTX ranges without a shape: lmtrain's own ranges carry one with "
+                     "profiling.nvtx on; for others pass --shape 'RANGE=MxNxK[:dtype]' or --shapes FILE.yaml")  # fmt: skip
+    if count - in_ops - in_ranges:
+        hints.append(f"{count - in_ops - in_ranges} run outside any NVTX range (or their launch call is not in the "
+                     "export): only --shape 'KERNEL_NAME=MxNxK' gives them FLOPs")  # fmt: skip
+    notes.append(
+        f"{count} GEMM kernels ({time_ns / 1e6:.3f} ms, {100 * time_ns / gemm_ns:.1f}% of GEMM time) have no shape, "
+        f"so no FLOPs: {'; '.join(hints)}."
+    )
     return notes
 
 
@@ -617,7 +619,7 @@ def gemm_markdown(report: dict) -> str:
     return "".join(out)
 
 
-CSV_KEYS = ["group", "name", "dtypes", "count", "total_ns", "avg_ms", "median_ns", "min_ns", "max_ns", "launch",
+CSV_KEYS = ["group", "name", "dtypes", "count", "total_ns", "avg_ns", "median_ns", "min_ns", "max_ns", "launch",
             "launches", "time_share", "flops", "bytes", "shaped_ns", "ideal_ns", "bound_ns", "tflop", "tflops",
             "pct_peak", "ai", "gbps", "bound_tflops", "share_of_bound", "devices"]  # fmt: skip
 
