@@ -131,8 +131,8 @@ def open_export(path: str | Path) -> Export:
         else:
             hint = "expected an nsys SQLite export (`nsys export --type sqlite REPORT.nsys-rep`)"
         raise UserError(f"{path}: not an SQLite file: {hint}")
-    conn = _connect(path)
     try:
+        conn = _connect(path)
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     except sqlite3.DatabaseError as exc:
         raise UserError(corrupt_message(path, exc)) from None

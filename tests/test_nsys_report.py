@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import re
+import shutil
 import sqlite3
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import yaml
 from lmtrain.errors import UserError
 from lmtrain.profiling import nsys_sqlite as ns
 from lmtrain.profiling.nsys_synth import write_export
+from lmtrain.profiling.peaks import DTYPES, PEAKS, peaks_for_device_name
 from lmtrain.tools import nsys_gemm_report as report
 
 
@@ -678,3 +681,172 @@ def test_the_peak_follows_the_gemm_dtype(tmp_path, capsys):
         seconds = round(2 * m * n * k / 15e3) / 1e9
         _check_row(row, _hand_rates(2.0 * m * n * k, seconds, m * k + k * n + m * n, 19.5, 2.039e12, bpe=4))
         assert row["dtypes"] == "fp32"
+
+
+# ------------------------------------------------------------------------------- damaged and odd exports
+
+
+def test_truncated_export_is_a_one_line_error(tmp_path, capsys):
+    synth = write_export(tmp_path / "s.sqlite", steps=4, n_layers=4)
+    data = synth.path.read_bytes()
+    cut = tmp_path / "cut.sqlite"
+    cut.write_bytes(data[: len(data) // 2])  # a copy that stopped half-way
+    rc, _, err = run([cut], capsys)
+    assert rc == 2 and "damaged or truncated" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_overwritten_pages_are_a_one_line_error(tmp_path, capsys):
+    synth = write_export(tmp_path / "s.sqlite", steps=4, n_layers=4)
+    data = bytearray(synth.path.read_bytes())
+    data[4096 * 2 : 4096 * 4] = b"\xff" * (
+        4096 * 2
+    )  # garbage over two pages: "database disk image is malformed"
+    bad = tmp_path / "bad.sqlite"
+    bad.write_bytes(bytes(data))
+    rc, _, err = run([bad, "--quiet"], capsys)
+    assert rc == 2 and "damaged or truncated" in err and "Traceback" not in err
+
+
+def test_directory_lfs_pointer_and_nsys_rep(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    write_export(tmp_path / "run" / "trace.sqlite", steps=1)
+    rc, _, err = run([tmp_path / "run"], capsys)
+    assert rc == 2 and "a directory" in err and "trace.sqlite" in err
+    pointer = tmp_path / "lfs.sqlite"
+    pointer.write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 2686976\n"
+    )
+    rc, _, err = run([pointer], capsys)
+    assert rc == 2 and "Git LFS pointer" in err and "git lfs pull" in err
+    rep = tmp_path / "trace.nsys-rep"
+    rep.write_bytes(b"\x00\x01 a binary Nsight Systems report")
+    rc, _, err = run([rep], capsys)
+    assert rc == 2 and "nsys export --type sqlite" in err and "trace.sqlite" in err
+
+
+def test_export_without_meta_table_says_so(tmp_path, capsys):
+    synth = write_export(tmp_path / "s.sqlite", steps=1)
+    with sqlite3.connect(synth.path) as conn:
+        conn.execute("DROP TABLE META_DATA_EXPORT")
+    rc, out, err = run([synth.path, "--json", tmp_path / "r.json"], capsys)
+    assert rc == 0, err
+    assert "no META_DATA_EXPORT/EXPORT_META_DATA table" in out
+    assert json.loads((tmp_path / "r.json").read_text())["nsys_version"] == "unknown"
+
+
+def test_bad_shape_arguments_and_files(tmp_path, capsys):
+    synth = write_export(tmp_path / "s.sqlite", steps=1)
+    cases = [
+        (["--shape", "w1=8192x1536"], "expected PATTERN=MxNxK"),
+        (["--shape", "w1=8x8x8:int4"], "unknown dtype 'int4'"),
+        (["--shape", "w1=0x8x8"], "must be >= 1"),
+        (["--shapes", tmp_path / "none.yaml"], "no such file"),
+        (["--gemm-pattern", "("], "not a valid regular expression"),
+    ]
+    bad_files = {
+        "a.yaml": ("{w1: 3}\n", "expected a list"),
+        "b.yaml": ("- {range: w1, M: 2, N: 2}\n", "missing K"),
+        "c.yaml": ("- {range: w1, kernel: x, M: 2, N: 2, K: 2}\n", "exactly one of 'range' or 'kernel'"),
+        "d.yaml": ("- {range: w1, M: two, N: 2, K: 2}\n", "must be integers"),
+        "e.yaml": ("- {range: w1, M: 2, N: 2, K: 2, flops: 3}\n", "unknown keys flops"),
+        "f.yaml": ("- [unclosed\n", "not valid YAML"),
+    }
+    for name, (text, message) in bad_files.items():
+        (tmp_path / name).write_text(text)
+        cases.append((["--shapes", tmp_path / name], message))
+    for argv, message in cases:
+        rc, _, err = run([synth.path, *argv], capsys)
+        assert rc == 2 and message in err and "Traceback" not in err, (argv, err)
+
+
+def test_help_and_report_do_not_import_torch(tmp_path):
+    synth = write_export(tmp_path / "s.sqlite", steps=1)
+    script = Path(__file__).parents[1] / "tools" / "nsys_gemm_report.py"
+    for argv in (["--help"], [str(synth.path), "--quiet"]):
+        proc = subprocess.run([sys.executable, "-X", "importtime", str(script), *argv], capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+        assert "torch" not in imported and "lmtrain.metrics" not in imported
+        if argv == ["--help"]:
+            assert (
+                "--peak-tbs" in proc.stdout and "--shapes" in proc.stdout and "(default: 25)" in proc.stdout
+            )
+
+
+# ----------------------------------------------------------------------------------------- peaks table
+
+
+def test_peak_table_covers_the_course_devices_and_names_them():
+    names = {
+        "Tesla V100-SXM2-16GB": "v100-sxm2", "Tesla V100-PCIE-32GB": "v100-pcie",
+        "NVIDIA A100-SXM4-40GB": "a100-sxm-40gb", "NVIDIA A100-SXM4-80GB": "a100-sxm-80gb",
+        "NVIDIA A100-PCIE-40GB": "a100-pcie-40gb", "NVIDIA A100 80GB PCIe": "a100-pcie-80gb",
+        "NVIDIA A40": "a40", "NVIDIA L40S": "l40s", "NVIDIA H100 80GB HBM3": "h100-sxm", "NVIDIA H100 PCIe": "h100-pcie",
+        "NVIDIA H100 NVL": "h100-nvl", "NVIDIA H200": "h200", "NVIDIA GH200 480GB": "gh200",
+        "NVIDIA GH200 144G HBM3e": "gh200-144gb", "NVIDIA B200": "b200", "NVIDIA GeForce RTX 3090": "rtx3090",
+        "NVIDIA GeForce RTX 4090": "rtx4090", "NVIDIA RTX A5000": "rtxa5000",
+    }  # fmt: skip
+    for name, key in names.items():
+        assert peaks_for_device_name(name).key == key, name
+    assert peaks_for_device_name("NVIDIA Quadro P1000") is None
+    for peaks in PEAKS.values():
+        assert set(peaks.peaks) == set(DTYPES) and peaks.bandwidth > 1e11
+        assert peaks.tflops("fp32") and peaks.tflops("fp16")
+    assert PEAKS["gh200"].tflops("bf16") == 989.0 and PEAKS["gh200"].bandwidth == 4.0e12
+
+
+def test_peaks_agree_with_the_trainers_mfu_table():
+    """The report and the training log's MFU must not disagree on a peak."""
+    import torch
+
+    from lmtrain.metrics import table_peak_tflops
+
+    for name in (
+        "NVIDIA GH200 480GB",
+        "NVIDIA H200",
+        "NVIDIA H100 PCIe",
+        "NVIDIA H100 80GB HBM3",
+        "NVIDIA A100-SXM4-80GB",
+    ):
+        peaks = peaks_for_device_name(name)
+        assert peaks.tflops("bf16") == table_peak_tflops(name, torch.bfloat16), name
+        assert peaks.tflops("fp32") == table_peak_tflops(name, torch.float32), name
+
+
+# --------------------------------------------------------------------------------------------- NVTX side
+
+
+def test_nvtx_summary_groups_emit_nvtx_ops_without_their_ids(tmp_path):
+    synth = write_export(tmp_path / "s.sqlite", steps=3, n_layers=2, backward=True)
+    rows = {r["name"]: r for r in ns.nvtx_summary(ns.open_export(synth.path))}
+    mm = [n for n in rows if n.startswith("aten::mm")]
+    # One forward mm row per distinct shape (sizes stay in the key), one for the backward mm ops.
+    assert all("op_id" not in n and "seq" not in n for n in rows)
+    # Backward Functions run on the autograd thread: no range of the main thread encloses them.
+    assert rows["MmBackward0"]["count"] == 3 * 2 * 3 and rows["MmBackward0"]["parent"] is None
+    assert sum(rows[n]["count"] for n in mm) == 3 * 2 * 3 * 3
+    assert rows["FeedForward/w1"]["parent"] == "layers.0" and rows["layers.0"]["parent"] == "forward"
+    assert rows["step"]["count"] == 3 and rows["step"]["depth"] == 0 and rows["FeedForward/w1"]["depth"] == 3
+
+
+def test_nvtx_summary_names_self_describing_ranges_without_their_shape(tmp_path):
+    synth = write_export(tmp_path / "s.sqlite", steps=2, n_layers=1, range_style="lmtrain")
+    rows = {r["name"]: r for r in ns.nvtx_summary(ns.open_export(synth.path))}
+    assert {"FeedForward/w1", "FeedForward/w3", "FeedForward/w2"} <= set(rows)
+    assert rows["FeedForward/w2"]["count"] == 2 and rows["FeedForward/w2"]["parent"] == "layers.0"
+
+
+def test_gemm_label_round_trip_and_torch_dtypes():
+    from lmtrain import nvtx
+
+    assert nvtx.gemm_label("FeedForward/w1", 8192, 1536, 512, dtype="bf16") == (
+        "FeedForward/w1 [gemm M=8192 N=1536 K=512 dtype=bf16]"
+    )
+    assert nvtx.parse_gemm_label("Attention/sdpa [gemm B=64 M=1024 N=1024 K=64 dtype=bf16]") == (
+        "Attention/sdpa",
+        (64, 1024, 1024, 64, "bf16"),
+    )
+    assert nvtx.parse_gemm_label("w1 [gemm M=8 N=8]") is None and nvtx.parse_gemm_label("w1") is None
+    assert nvtx._dtype_name("torch.bfloat16") == "bf16" and nvtx._dtype_name(None) is None
