@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from lmtrain.nvtx import parse_gemm_label
 from lmtrain.tools import nsys_gemm_report as report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,6 +95,13 @@ def test_profiling_hooks_under_nsys(tmp_path):
     by_name = check_ranges(sqlite, tmp_path, steps=3)
     # two layers, three steps: each FFN range once per layer per step
     assert by_name["FeedForward/w2"]["count"] == 2 * 3
+    # The model's GEMM ranges describe themselves in the real capture (lmtrain.nvtx.gemm_label).
+    with sqlite3.connect(sqlite) as conn:
+        texts = [t for (t,) in conn.execute(
+            "SELECT COALESCE(e.text, s.value) FROM NVTX_EVENTS AS e LEFT JOIN StringIds AS s ON s.id = e.textId")]  # fmt: skip
+    shapes = dict(parse_gemm_label(t) for t in texts if t and " [gemm " in t)
+    assert {"Attention/wq", "Attention/sdpa", "FeedForward/w1", "FeedForward/w2"} <= set(shapes), shapes
+    assert all(min(shape[:4]) >= 1 and shape[4] for shape in shapes.values())
 
 
 def write_corpus(out: Path) -> Path:
