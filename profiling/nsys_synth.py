@@ -30,6 +30,11 @@ GLOBAL_PID = PID << 24
 MAIN_TID = GLOBAL_PID | 4242
 AUTOGRAD_TID = GLOBAL_PID | 4243
 GEMM_NAME = "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN"
+SPLIT_K_NAME = (
+    "void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16, float, __nv_bfloat16, true, false, false>"
+    "(cublasLt::cublasSplitKParams<float>, float const*, __nv_bfloat16 const*, __nv_bfloat16*, float const*, "
+    "float const*, __nv_bfloat16 const*, float const*, __nv_bfloat16*, void*, long, float*, int*)"
+)
 OTHER_NAME = "void at::native::vectorized_elementwise_kernel<(int)4, at::native::CUDAFunctor_add<float>>(int)"
 FFN_RANGES = ("FeedForward/w1", "FeedForward/w3", "FeedForward/w2")
 
@@ -58,8 +63,18 @@ def write_export(
     device_name: str | None = "NVIDIA H100 80GB HBM3",
     range_style: str = "emit_nvtx",
     gemm_name: str = GEMM_NAME,
+    gemm_names: dict[str, str] | None = None,
+    split_k: bool = False,
+    extra_kernels: tuple[str, ...] = (),
+    device_id: int = 0,
+    gpus: tuple[tuple[int, str], ...] | None = None,
 ) -> SynthResult:
+    """Write the export; see the module docstring. `gemm_names` maps an FFN range to its GEMM kernel's name
+    (default `gemm_name`); `split_k` adds a cuBLAS split-K reduction after each GEMM; `extra_kernels` are
+    launched once per layer outside the FFN ranges (2-3 us). Kernels run on `device_id`; `gpus` are the
+    (id, name) rows of TARGET_INFO_GPU (default: one row, `device_name` as device 0)."""
     assert range_style in ("emit_nvtx", "lmtrain", "plain"), range_style
+    gemm_names = {name: (gemm_names or {}).get(name, gemm_name) for name in FFN_RANGES}
     path = Path(path)
     path.unlink(missing_ok=True)
     conn = sqlite3.connect(path)
@@ -83,9 +98,12 @@ def write_export(
         "INSERT INTO META_DATA_EXPORT VALUES (?, ?)",
         [("EXPORT_PRODUCT_VERSION", "2024.5.1.113"), ("EXPORT_SCHEMA_VERSION", "3.13.2")],
     )
-    if device_name:
-        conn.execute("INSERT INTO TARGET_INFO_GPU VALUES (0, ?)", (device_name,))
+    if gpus is None:
+        gpus = ((0, device_name),) if device_name else ()
+    conn.executemany("INSERT INTO TARGET_INFO_GPU VALUES (?, ?)", gpus)
     strings = {gemm_name: 1, OTHER_NAME: 2, "cudaLaunchKernel": 3, "Kernel": 4}
+    for name in (*gemm_names.values(), SPLIT_K_NAME, *extra_kernels):
+        strings.setdefault(name, max(strings.values()) + 1)
     conn.executemany("INSERT INTO StringIds VALUES (?, ?)", [(i, s) for s, i in strings.items()])
 
     shapes = {
@@ -108,7 +126,23 @@ def write_export(
         runtime.append((t, t + 2_000, 0, tid, corr, strings["cudaLaunchKernel"], 0))
         gpu = max(gpu, t + 5_000)
         kernels.append(
-            (gpu, gpu + dur, 0, 1, 7, corr, GLOBAL_PID, name_id, strings["Kernel"], 1, 132, 1, 384, 1, 1)
+            (
+                gpu,
+                gpu + dur,
+                device_id,
+                1,
+                7,
+                corr,
+                GLOBAL_PID,
+                name_id,
+                strings["Kernel"],
+                1,
+                132,
+                1,
+                384,
+                1,
+                1,
+            )
         )
         gpu += dur + 1_000
         t += 3_000
@@ -124,15 +158,18 @@ def write_export(
         t += 500
         nvtx[index][1] = t
 
-    def gemm(m: int, n: int, k: int, op: str | None, tid: int = MAIN_TID) -> None:
+    def gemm(m: int, n: int, k: int, op: str | None, tid: int = MAIN_TID, name: str = gemm_name) -> None:
         nonlocal op_id, n_gemm
         o = None
         if op is not None:
             op_id += 1
             sizes = f", sizes = [[{m}, {k}], [{k}, {n}]]" if with_sizes else ""
             o = push(f"{op}, op_id = {op_id}{sizes}", tid)
-        launch(strings[gemm_name], round(2 * m * n * k / (gemm_tflops * 1e3)), tid)
+        launch(strings[name], round(2 * m * n * k / (gemm_tflops * 1e3)), tid)
         n_gemm += 1
+        if split_k:
+            launch(strings[SPLIT_K_NAME], 3_000, tid)
+            n_gemm += 1
         if o is not None:
             pop(o)
         for _ in range(extra_kernels_per_gemm):
@@ -153,9 +190,11 @@ def write_export(
                     r = push(name if range_style == "emit_nvtx" else name.split("/")[-1])
                 seq += 1
                 emit_op = (with_sizes and range_style == "emit_nvtx") or backward
-                gemm(m, n, k, f"aten::mm, seq = {seq}" if emit_op else None)
+                gemm(m, n, k, f"aten::mm, seq = {seq}" if emit_op else None, name=gemm_names[name])
                 forward_seqs.append((seq, (m, n, k)))
                 pop(r)
+            for name in extra_kernels:  # durations that differ by layer and step, for medians
+                launch(strings[name], 2_000 + 700 * (layer % 2) + 300 * step)
             pop(lr)
         pop(f)
         if backward:

@@ -850,3 +850,116 @@ def test_gemm_label_round_trip_and_torch_dtypes():
     )
     assert nvtx.parse_gemm_label("w1 [gemm M=8 N=8]") is None and nvtx.parse_gemm_label("w1") is None
     assert nvtx._dtype_name("torch.bfloat16") == "bf16" and nvtx._dtype_name(None) is None
+
+
+# ------------------------------------------------------------------ committed exports, checked against nsys
+
+FIXTURES = Path(__file__).parent / "fixtures" / "nsys"
+FAMILIES = dict(
+    steps=3, n_layers=2, range_style="lmtrain", tokens=4096, dim=1024, hidden=3072, gemm_tflops=400.0,
+    split_k=True, device_id=1, gpus=((0, "NVIDIA GeForce RTX 4090"), (1, "NVIDIA H100 PCIe")),
+    gemm_names={
+        "FeedForward/w1": "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize1x1x1_execute_segment_k_off",
+        "FeedForward/w3": "cutlass3x_sm90_tensorop_gemm_bf16_bf16_f32_bf16_bf16_128x256x64_1x2x1_0_tnn_align8_"
+        "warpspecialized_cooperative_epi_tma",
+        "FeedForward/w2": "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN",
+    },
+    extra_kernels=(
+        "sm80_xmma_fprop_implicit_gemm_indexed_tf32f32_tf32f32_f32_nhwckrsc_nchw_tilesize128x128x16_stage4_warpsize2x2x1"
+        "_g1_tensor16x8x8_kernel",
+        "sm50_xmma_pooling_coalescedC_NHWC_kMAX_3_False_execute_kernel_trt",
+        "void gemv2T_kernel_val<int, int, float, float, float, float, 128, 16, 4, 4, false, false, cublasGemvParamsEx<int, "
+        "cublasGemvTensorStridedBatched<float const>, cublasGemvTensorStridedBatched<float const>, "
+        "cublasGemvTensorStridedBatched<float>, float>>(float, float)",
+        "void cudnn::gemm::computeOffsetsKernel<false, false>(cudnn::gemm::ComputeOffsetsParams)",
+        "void flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, false, cutlass::bfloat16_t, "
+        "Flash_kernel_traits<128, 128, 64, 4, cutlass::bfloat16_t>>, false, true, false, false, true, true, false>"
+        "(Flash_fwd_params)",
+    ),
+)  # fmt: skip
+
+
+def gpukernsum_rows(path: Path) -> dict[str, dict]:
+    with open(path) as fh:
+        return {r["Name"]: r for r in csv.DictReader(fh)}
+
+
+def test_committed_families_export_is_what_its_recipe_writes(tmp_path):
+    synth = write_export(tmp_path / "again.sqlite", **FAMILIES)
+    query = 'SELECT k.start, k."end", k.deviceId, s.value FROM CUPTI_ACTIVITY_KIND_KERNEL AS k JOIN StringIds AS s ON s.id = k.demangledName ORDER BY 1'
+    with sqlite3.connect(synth.path) as a, sqlite3.connect(FIXTURES / "families.sqlite") as b:
+        assert a.execute(query).fetchall() == b.execute(query).fetchall()
+
+
+def test_committed_families_export_against_nsys_stats_and_by_hand(tmp_path, capsys):
+    path = FIXTURES / "families.sqlite"
+    expected = gpukernsum_rows(FIXTURES / "families_gpukernsum.csv")
+    got = {r["name"]: r for r in ns.kernel_summary(ns.open_export(path))}
+    assert {n: (r["count"], r["total_ns"]) for n, r in got.items()} == {
+        n: (int(r["Instances"]), int(r["Total Time (ns)"])) for n, r in expected.items()
+    }
+    rc, out, err = run([path, "--json", tmp_path / "r.json", "--markdown", tmp_path / "r.md"], capsys)
+    assert rc == 0, err
+    data = json.loads((tmp_path / "r.json").read_text())
+    kernels = {r["name"]: r for r in data["groups"]["kernel"]}
+    gemm_names = set(FAMILIES["gemm_names"].values()) | {n for n in expected if "splitKreduce" in n}
+    assert set(kernels) == gemm_names  # no conv, pooling, GEMV, cuDNN helper, flash-attention
+    for name, row in kernels.items():
+        assert row["count"] == int(expected[name]["Instances"]) and row["total_ns"] == int(
+            expected[name]["Total Time (ns)"]
+        )
+        assert row["median_ns"] == float(expected[name]["Med (ns)"])
+        grid = " x ".join(expected[name]["GridXYZ"].split()).replace(" x ", "x")
+        block = "x".join(expected[name]["BlockXYZ"].split())
+        assert row["launch"] == f"{grid} / {block}" and row["launches"] == 1
+    assert "1 convolution kernel" not in out and "6 convolution kernels (1 names" in out
+    # The kernels ran on device 1, an H100 PCIe: its bf16 peak (756) and 2 TB/s, not the RTX 4090 of row 0.
+    assert data["devices"] == {"1": "1: NVIDIA H100 PCIe"}
+    assert {(p["device"], p["dtype"], p["peak_tflops"], p["bandwidth"]) for p in data["peaks"]} == {
+        (1, "bf16", 756.0, 2.0e12)
+    }
+    ranges = {r["name"]: r for r in data["groups"]["range"]}
+    m, d, h = 4096, 1024, 3072
+    for name, (n, k) in {
+        "FeedForward/w1": (h, d),
+        "FeedForward/w3": (h, d),
+        "FeedForward/w2": (d, h),
+    }.items():
+        calls = 3 * 2
+        # Each call: the GEMM at 400 TFLOP/s and a 3 us split-K reduction, counted with it (0 FLOPs).
+        seconds = calls * (round(2 * m * n * k / 400e3) + 3_000) / 1e9
+        hand = _hand_rates(calls * 2.0 * m * n * k, seconds, calls * (m * k + k * n + m * n), 756.0, 2.0e12)
+        _check_row(ranges[name], hand)
+        assert ranges[name]["count"] == 2 * calls
+    assert all(
+        r["tflops"] is not None and r["pct_peak"] is not None
+        for r in data["groups"]["kernel"]
+        if "splitK" not in r["name"]
+    )
+    markdown = (tmp_path / "r.md").read_text()
+    assert "## GEMMs by NVTX range" in markdown and "| FeedForward/w1 |" in markdown
+
+
+def test_committed_cpu_capture_of_lmtrain_against_nvtxsum(tmp_path, capsys):
+    """A real nsys capture of lmtrain's smoke run with NVTX on: ranges and their self-describing shapes."""
+    path = FIXTURES / "lmtrain_cpu_nvtx.sqlite"
+    with open(FIXTURES / "lmtrain_cpu_nvtx_nvtxsum.csv") as fh:
+        expected: dict = defaultdict(lambda: [0, 0])
+        for r in csv.DictReader(fh):
+            key = (ns.nvtx_group_name(r["Range"]), r["Style"])
+            expected[key][0] += int(r["Instances"])
+            expected[key][1] += int(r["Total Time (ns)"])
+    rows = ns.nvtx_summary(ns.open_export(path))
+    assert {(r["name"], r["style"]): [r["count"], r["total_ns"]] for r in rows} == dict(expected)
+    with sqlite3.connect(path) as conn:
+        texts = [t for (t,) in conn.execute("SELECT COALESCE(e.text, s.value) FROM NVTX_EVENTS AS e "
+                                            "LEFT JOIN StringIds AS s ON s.id = e.textId")]  # fmt: skip
+    from lmtrain.nvtx import parse_gemm_label
+
+    shapes = dict(parse_gemm_label(t) for t in texts if t and " [gemm " in t)
+    # (batch, M, N, K, dtype): w1 maps dim -> hidden, w2 hidden -> dim.
+    assert shapes["FeedForward/w1"][2:4] == (shapes["FeedForward/w2"][3], shapes["FeedForward/w2"][2])
+    assert shapes["Attention/wq"][4] == "fp32"
+    rc, out, err = run([path, "--quiet", "--json", tmp_path / "n.json"], capsys)
+    assert rc == 0, err
+    assert "--trace=cuda" in json.loads((tmp_path / "n.json").read_text())["note"]
