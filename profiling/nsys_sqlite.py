@@ -584,17 +584,12 @@ def _collect_gemms(export: Export, gemm_pattern: re.Pattern | None) -> tuple[int
     pid = "k.globalPid" if "globalPid" in kcols else "NULL"
     corr = "k.correlationId" if "correlationId" in kcols else "NULL"
     device = "k.deviceId" if "deviceId" in kcols else "NULL"
-    dims = [
-        f"COALESCE(k.{c}, 1)" if c in kcols else "1"
-        for c in ("gridX", "gridY", "gridZ", "blockX", "blockY", "blockZ")
-    ]
-    launch = f"{dims[0]} || 'x' || {dims[1]} || 'x' || {dims[2]} || ' / ' || {dims[3]} || 'x' || {dims[4]} || 'x' || {dims[5]}"
     conn.execute(
         "CREATE TEMP TABLE g (corr INTEGER, kid INTEGER, nameId INTEGER, dur INTEGER, pid INTEGER, device INTEGER, "
-        "launch TEXT, PRIMARY KEY (corr, kid)) WITHOUT ROWID"
+        "PRIMARY KEY (corr, kid)) WITHOUT ROWID"
     )
     conn.execute(
-        f"""INSERT INTO g SELECT {corr}, k.rowid, k.{col}, k."end" - k.start, {pid}, {device}, {launch}
+        f"""INSERT INTO g SELECT {corr}, k.rowid, k.{col}, k."end" - k.start, {pid}, {device}
             FROM {KERNEL} AS k WHERE k.{col} IN (SELECT nameId FROM kcls WHERE cls = '{GEMM}') ORDER BY 1, 2"""
     )
     return conn.execute("SELECT COUNT(*) FROM g").fetchone()[0], corr, pid
@@ -626,7 +621,7 @@ def gemm_kernels(
 ) -> int:
     """Build temp table `ga`: one row per GEMM kernel with its ranges, FLOPs and minimum elements moved.
 
-    Columns: nameId, device, launch, dur, op_id, user_id, layer_id (NVTX_EVENTS rowids; names in
+    Columns: nameId, device, dur, op_id, user_id, layer_id (NVTX_EVENTS rowids; names in
     `nv_names` and `op_sz`), backward (1 when the kernel ran in a backward Function that was mapped to its
     forward op), flops, elems (NULL when the shape is unknown) and dtype (the kernel name's, else the
     shape's). A kernel launched inside a backward Function range (`MmBackward0, seq = N`, usually on
@@ -640,7 +635,7 @@ def gemm_kernels(
     """
     require_kernels(export)
     conn = export.conn
-    for t in ("gemm_ids", "kcls", "g", "ga", "ga0", "op_first", "op_sz", "op_shapes", "rname", "kshape",
+    for t in ("gemm_ids", "kcls", "g", "ga", "ga0", "gk", "op_first", "op_sz", "op_shapes", "rname", "kshape",
               "user_first", "bwd", "bwd_map", "fwd_of", "f_seq", "nv_names", "r_user", "r_layer"):  # fmt: skip
         conn.execute(f"DROP TABLE IF EXISTS temp.{t}")
 
@@ -709,7 +704,7 @@ def _attribute_gemms(export: Export, corr: str, pid: str, shape_of_range, kernel
     conn = export.conn
     conn.execute(
         "CREATE TEMP TABLE ga0 (kid INTEGER PRIMARY KEY, nameId INTEGER, dur INTEGER, op_id INTEGER, "
-        "user_id INTEGER, layer_id INTEGER, bwd_id INTEGER, device INTEGER, launch TEXT)"
+        "user_id INTEGER, layer_id INTEGER, bwd_id INTEGER, device INTEGER)"
     )
     if export.has(RUNTIME, "correlationId", "globalTid", "start", "end") and corr != "NULL":
         same_process = "AND (r.globalTid >> 24) = (g.pid >> 24)" if pid != "NULL" else ""
@@ -719,11 +714,11 @@ def _attribute_gemms(export: Export, corr: str, pid: str, shape_of_range, kernel
         # OR IGNORE: without globalPid, a correlationId may match launches of several processes; keep one.
         conn.execute(
             f"""INSERT OR IGNORE INTO ga0
-                SELECT g.kid, g.nameId, g.dur, {lookups}, g.device, g.launch
+                SELECT g.kid, g.nameId, g.dur, {lookups}, g.device
                 FROM {RUNTIME} AS r JOIN g ON g.corr = r.correlationId {same_process}"""
         )
     conn.execute(
-        "INSERT OR IGNORE INTO ga0 (kid, nameId, dur, device, launch) SELECT kid, nameId, dur, device, launch FROM g"
+        "INSERT OR IGNORE INTO ga0 (kid, nameId, dur, device) SELECT kid, nameId, dur, device FROM g"
     )
 
     # Backward Functions -> the forward op with the same seq in the same process that ran last before them.
@@ -837,7 +832,7 @@ def _attribute_gemms(export: Export, corr: str, pid: str, shape_of_range, kernel
         backward_cols, backward_joins = "a.user_id, a.layer_id, 0 AS backward", ""
     conn.execute(
         f"""CREATE TEMP TABLE ga AS
-            SELECT a.kid, a.nameId, a.device, a.launch, a.dur, a.op_id, {backward_cols}, {cost("flops")} AS flops,
+            SELECT a.kid, a.nameId, a.device, a.dur, a.op_id, {backward_cols}, {cost("flops")} AS flops,
                    {cost("elems")} AS elems, COALESCE(kc.dtype, ks.dtype, rs.dtype) AS dtype
             FROM ga0 AS a {cost_joins} {backward_joins}"""
     )
@@ -865,20 +860,7 @@ def range_label(name: str) -> str:
 
 
 BACKWARD_SUFFIX = " (backward)"
-# grouping -> SQL key over `ga` joined with its names
-GROUPINGS = {
-    "kernel": "k.value",
-    "range": f"COALESCE(rn.label, z.op, '(no NVTX range)') || CASE WHEN ga.backward THEN '{BACKWARD_SUFFIX}' ELSE '' END",
-    "layer": "COALESCE(ln.label, '(outside layers.N)')",
-    "device": "COALESCE(ga.device, -1)",
-}
-_GROUP_JOINS = {
-    "kernel": "JOIN StringIds AS k ON k.id = ga.nameId",
-    "range": "LEFT JOIN nv_names AS u ON u.id = ga.user_id LEFT JOIN rname AS rn ON rn.name = u.name "
-    "LEFT JOIN op_sz AS z ON z.id = ga.op_id",
-    "layer": "LEFT JOIN nv_names AS l ON l.id = ga.layer_id LEFT JOIN rname AS ln ON ln.name = l.name",
-    "device": "",
-}
+GROUPINGS = ("kernel", "range", "layer", "device")
 
 
 def gemm_devices(export: Export) -> list[tuple[int | None, str | None]]:
@@ -886,19 +868,14 @@ def gemm_devices(export: Export) -> list[tuple[int | None, str | None]]:
     return export.conn.execute("SELECT DISTINCT device, dtype FROM ga ORDER BY 1, 2").fetchall()
 
 
-def gemm_groups(
-    export: Export, by: str, peaks: dict | None = None, default_dtype: str = "bf16"
-) -> list[dict]:
-    """Grouped rows of the `ga` table built by gemm_kernels.
-
-    Per group: count, total/min/max/median ns, FLOPs and bytes (over the kernels with a known shape) and
-    the time those took (`shaped_ns`); with `peaks` {(deviceId, dtype): (peak FLOP/s or None, bandwidth
-    B/s or None)}: `ideal_ns` (the time those FLOPs take at peak) and `bound_ns` (at the roofline bound
-    max(FLOPs / peak, bytes / bandwidth), per kernel); the dtypes and (kernel grouping) launch configs.
-    Kernels whose dtype neither name nor shape gives count as `default_dtype`.
-    """
+def gemm_rates(export: Export, peaks: dict | None = None, default_dtype: str = "bf16") -> None:
+    """Temp table `gk` from `ga`: per GEMM kernel its grouping keys, bytes, and with `peaks`
+    {(deviceId, dtype): (peak FLOP/s or None, bandwidth B/s or None)} the time its FLOPs take at the peak
+    (`ideal_s`) and at the roofline bound max(FLOPs / peak, bytes / bandwidth) (`bound_s`). Kernels whose
+    dtype neither name nor shape gives count as `default_dtype`."""
     conn = export.conn
-    conn.execute("DROP TABLE IF EXISTS temp.pk")
+    for t in ("gk", "pk"):
+        conn.execute(f"DROP TABLE IF EXISTS temp.{t}")
     conn.execute(
         "CREATE TEMP TABLE pk (device INTEGER, dtype TEXT, peak REAL, bw REAL, PRIMARY KEY (device, dtype))"
     )
@@ -906,24 +883,49 @@ def gemm_groups(
         "INSERT OR REPLACE INTO pk VALUES (?, ?, ?, ?)",
         ((-1 if d is None else d, t, p, b) for (d, t), (p, b) in (peaks or {}).items()),
     )
-    bpe = "CASE gd.dtype " + " ".join(f"WHEN '{t}' THEN {n}" for t, n in BYTES_PER_ELEMENT.items()) + " END"
-    key = GROUPINGS[by]
-    sql = f"""
-        WITH gd AS (SELECT ga.*, COALESCE(ga.dtype, '{default_dtype}') AS dt FROM ga),
-        gk AS (SELECT gd.*, gd.dt AS dtype_used, gd.elems * ({bpe.replace("gd.dtype", "gd.dt")}) AS bytes,
-                      gd.flops / pk.peak AS ideal_s,
-                      MAX(gd.flops / pk.peak, gd.elems * ({bpe.replace("gd.dtype", "gd.dt")}) / pk.bw) AS bound_s
-               FROM gd LEFT JOIN pk ON pk.device = COALESCE(gd.device, -1) AND pk.dtype = gd.dt)
-        SELECT {key.replace("ga.", "gk.")} AS name, COUNT(*) AS count, SUM(gk.dur) AS total_ns,
-               MIN(gk.dur) AS min_ns, MAX(gk.dur) AS max_ns, SUM(gk.flops) AS flops, SUM(gk.bytes) AS bytes,
-               SUM(CASE WHEN gk.flops IS NOT NULL THEN gk.dur END) AS shaped_ns,
-               SUM(gk.ideal_s) * 1e9 AS ideal_ns, SUM(gk.bound_s) * 1e9 AS bound_ns,
-               COUNT(gk.ideal_s) AS n_ideal, COUNT(gk.bound_s) AS n_bound, COUNT(gk.flops) AS n_shaped,
-               GROUP_CONCAT(DISTINCT gk.dtype_used) AS dtypes, GROUP_CONCAT(DISTINCT gk.device) AS devices,
-               MIN(gk.nameId) AS name_id
-        FROM gk {_GROUP_JOINS[by].replace("ga.", "gk.")} GROUP BY 1 ORDER BY total_ns DESC, name"""
-    rows = _dicts(conn.execute(sql))
-    medians = _medians(conn, key, _GROUP_JOINS[by])
+    bpe = "CASE y.dt " + " ".join(f"WHEN '{t}' THEN {n}" for t, n in BYTES_PER_ELEMENT.items()) + " END"
+    conn.execute(
+        f"""CREATE TEMP TABLE gk AS
+            WITH y AS (
+                SELECT ga.nameId, ga.dur, COALESCE(ga.device, -1) AS device, ga.flops, ga.elems,
+                       COALESCE(ga.dtype, '{default_dtype}') AS dt, k.value AS k_kernel,
+                       COALESCE(rn.label, z.op, '(no NVTX range)')
+                           || CASE WHEN ga.backward THEN '{BACKWARD_SUFFIX}' ELSE '' END AS k_range,
+                       COALESCE(ln.label, '(outside layers.N)') AS k_layer, COALESCE(ga.device, -1) AS k_device
+                FROM ga JOIN StringIds AS k ON k.id = ga.nameId
+                     LEFT JOIN nv_names AS u ON u.id = ga.user_id LEFT JOIN rname AS rn ON rn.name = u.name
+                     LEFT JOIN op_sz AS z ON z.id = ga.op_id
+                     LEFT JOIN nv_names AS l ON l.id = ga.layer_id LEFT JOIN rname AS ln ON ln.name = l.name),
+            x AS (SELECT y.*, y.elems * ({bpe}) AS bytes FROM y)
+            SELECT x.*, x.flops / pk.peak AS ideal_s, MAX(x.flops / pk.peak, x.bytes / pk.bw) AS bound_s
+            FROM x LEFT JOIN pk ON pk.device = x.device AND pk.dtype = x.dt"""
+    )
+
+
+def gemm_groups(export: Export, by: str) -> list[dict]:
+    """Grouped rows of the `gk` table (built by gemm_rates; without peaks when it was not called).
+
+    Per group: count, total/min/max/median ns, FLOPs and bytes (over the kernels with a known shape), the
+    time those took (`shaped_ns`), the time at peak (`ideal_ns`) and at the roofline bound (`bound_ns`),
+    the dtypes and devices, and for kernel names the most common launch configuration (`launch`, with the
+    number of distinct ones in `launches`).
+    """
+    assert by in GROUPINGS, by
+    conn = export.conn
+    if not conn.execute("SELECT 1 FROM sqlite_temp_master WHERE name = 'gk'").fetchone():
+        gemm_rates(export)
+    key = f"k_{by}"
+    rows = _dicts(
+        conn.execute(
+            f"""SELECT {key} AS name, COUNT(*) AS count, SUM(dur) AS total_ns, MIN(dur) AS min_ns, MAX(dur) AS max_ns,
+                       SUM(flops) AS flops, SUM(bytes) AS bytes, SUM(CASE WHEN flops IS NOT NULL THEN dur END) AS shaped_ns,
+                       SUM(ideal_s) * 1e9 AS ideal_ns, SUM(bound_s) * 1e9 AS bound_ns, COUNT(ideal_s) AS n_ideal,
+                       COUNT(bound_s) AS n_bound, COUNT(flops) AS n_shaped, GROUP_CONCAT(DISTINCT dt) AS dtypes,
+                       GROUP_CONCAT(DISTINCT device) AS devices
+                FROM gk GROUP BY 1 ORDER BY total_ns DESC, name"""
+        )
+    )
+    medians = _medians(conn, key)
     for r in rows:
         r["median_ns"] = medians.get(r["name"])
         # A group is judged against the peak only when every shaped kernel in it has one.
@@ -934,31 +936,45 @@ def gemm_groups(
         for k in ("n_ideal", "n_bound", "n_shaped"):
             r.pop(k)
     if by == "kernel":
-        launches = {
-            name_id: (launch, n)
-            for name_id, launch, n in conn.execute(
-                """SELECT nameId, launch, (SELECT COUNT(DISTINCT y.launch) FROM ga AS y WHERE y.nameId = x.nameId)
-                   FROM (SELECT nameId, launch, ROW_NUMBER() OVER (PARTITION BY nameId ORDER BY COUNT(*) DESC,
-                         launch) AS rn FROM ga GROUP BY nameId, launch) AS x WHERE rn = 1"""
-            )
-        }
+        launches = kernel_launches(export)
         for r in rows:
-            r["launch"], r["launches"] = launches.get(r["name_id"], (None, 0))
-    for r in rows:
-        r.pop("name_id")
+            configs = launches.get(r["name"], {})
+            r["launch"] = min(configs, key=lambda x: (-configs[x], x)) if configs else None
+            r["launches"] = len(configs)
     return rows
 
 
-def _medians(conn: sqlite3.Connection, key: str, joins: str) -> dict:
-    """Median kernel duration per group (the mean of the two middle ones for an even count)."""
-    sql = f"""
-        SELECT name, AVG(dur) FROM (
-            SELECT {key} AS name, ga.dur AS dur,
-                   ROW_NUMBER() OVER (PARTITION BY {key} ORDER BY ga.dur) AS rn,
-                   COUNT(*) OVER (PARTITION BY {key}) AS c
-            FROM ga {joins})
-        WHERE rn IN ((c + 1) / 2, (c + 2) / 2) GROUP BY name"""
-    return dict(conn.execute(sql).fetchall())
+def kernel_launches(export: Export) -> dict[str, dict[str, int]]:
+    """Per GEMM kernel name: {`gridX x gridY x gridZ / blockX x blockY x blockZ`: launches}, from the
+    kernel table grouped on its integer columns."""
+    col, kcols = kernel_name_column(export), export.cols(KERNEL)
+    dims = [
+        f"k.{c}" if c in kcols else "1" for c in ("gridX", "gridY", "gridZ", "blockX", "blockY", "blockZ")
+    ]
+    out: dict[str, dict[str, int]] = {}
+    columns = ", ".join(f"{d} AS d{i}" for i, d in enumerate(dims))
+    for name, gx, gy, gz, bx, by, bz, n in export.conn.execute(
+        f"""SELECT s.value, c.d0, c.d1, c.d2, c.d3, c.d4, c.d5, c.n
+            FROM (SELECT k.{col} AS nameId, {columns}, COUNT(*) AS n FROM {KERNEL} AS k
+                  WHERE k.{col} IN (SELECT nameId FROM kcls WHERE cls = '{GEMM}') GROUP BY 1, 2, 3, 4, 5, 6, 7) AS c
+                 JOIN StringIds AS s ON s.id = c.nameId"""
+    ):
+        launch = f"{gx}x{gy}x{gz} / {bx}x{by}x{bz}"
+        configs = out.setdefault(name, {})
+        configs[launch] = configs.get(launch, 0) + n
+    return out
+
+
+def _medians(conn: sqlite3.Connection, key: str) -> dict:
+    """Median kernel duration per group (the mean of the two middle ones for an even count), in one sorted pass."""
+    out = {}
+    for name, group in itertools.groupby(
+        conn.execute(f"SELECT {key}, dur FROM gk ORDER BY 1, 2"), key=lambda r: r[0]
+    ):
+        durs = [d for _, d in group]
+        mid = len(durs) // 2
+        out[name] = float(durs[mid]) if len(durs) % 2 else (durs[mid - 1] + durs[mid]) / 2
+    return out
 
 
 def _dicts(cursor: sqlite3.Cursor) -> list[dict]:

@@ -232,6 +232,7 @@ def test_backward_seq_maps_to_the_latest_forward_op_before_it(tmp_path):
     }
 
 
+@pytest.mark.slow  # builds the model's arguments through torch
 def test_model_config_shapes_without_emit_nvtx(tmp_path, capsys):
     synth = write_export(tmp_path / "s.sqlite", steps=1, n_layers=2, tokens=2048, dim=256, hidden=768,
                          with_sizes=False)  # fmt: skip
@@ -246,6 +247,10 @@ def test_model_config_shapes_without_emit_nvtx(tmp_path, capsys):
     assert all(r["flops"] is None for r in json.loads((tmp_path / "a.json").read_text())["groups"]["range"])
     rc, _, err = run([synth.path, "--run", run_dir, "--json", tmp_path / "b.json", "--quiet"], capsys)
     assert rc == 0, err
+    # A trace whose ranges the config does not name says so.
+    plain = write_export(tmp_path / "p.sqlite", steps=1, n_layers=1, range_style="plain")
+    rc, out, err = run([plain.path, "--run", run_dir], capsys)
+    assert rc == 0 and "matched no NVTX range holding GEMMs" in out
     data = json.loads((tmp_path / "b.json").read_text())
     ranges = {r["name"]: r for r in data["groups"]["range"]}
     # tiny preset with dim 256: SwiGLU hidden = 256 * ceil(int(8 * 256 / 3) / 256) = 768; tokens 2 x 1024.
@@ -963,3 +968,31 @@ def test_committed_cpu_capture_of_lmtrain_against_nvtxsum(tmp_path, capsys):
     rc, out, err = run([path, "--quiet", "--json", tmp_path / "n.json"], capsys)
     assert rc == 0, err
     assert "--trace=cuda" in json.loads((tmp_path / "n.json").read_text())["note"]
+
+
+def test_long_kernel_names_are_cut_in_the_middle_and_stay_distinct():
+    a = (
+        "void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<"
+        + "x" * 80
+        + "A"
+        + "y" * 80
+        + ">>(Params)"
+    )
+    b = a.replace("A", "B")
+    short = report.shorten_names([a, b, "nvjet_tst_96x64_64x10_1x2_h_bz_bias_TNN"], 60)
+    assert short[0] != short[1] and "…" in short[0]
+    assert short[0].startswith("void cutlass::device_kernel") and short[0].endswith(">>(Params)")
+    assert short[2] == "nvjet_tst_96x64_64x10_1x2_h_bz_bias_TNN"
+
+
+def test_gemm_pattern_on_a_trace_of_unknown_matmul_kernels(tmp_path, capsys):
+    synth = write_export(tmp_path / "s.sqlite", steps=1, n_layers=1, gemm_name="nvfuser_matmul_f0_c1_r0_g0")
+    rc, _, err = run([synth.path], capsys)
+    assert rc == 2 and "no GEMM kernels" in err and "--gemm-pattern" in err
+    rc, _, err = run(
+        [synth.path, "--gemm-pattern", "nvfuser_matmul", "--json", tmp_path / "r.json", "--quiet"], capsys
+    )
+    assert rc == 0, err
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["gemm_kernels"] == 3 and "bf16 (assumed)" not in data["notes"]
+    assert any("taken as bf16" in n for n in data["notes"])  # the name gives no dtype

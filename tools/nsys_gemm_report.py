@@ -415,10 +415,11 @@ def gemm_report(args, export: ns.Export) -> dict:
     peaks = peak_table(args, base, dtypes)
     groups = {}
     gemm_ns = None
+    ns.gemm_rates(export, peaks, default_dtype=ASSUMED_DTYPE)
     for by in ns.GROUPINGS:
         if by == "device" and len(devices) < 2:
             continue
-        rows = ns.gemm_groups(export, by, peaks, default_dtype=ASSUMED_DTYPE)
+        rows = ns.gemm_groups(export, by)
         gemm_ns = gemm_ns or sum(r["total_ns"] for r in rows)
         if by == "device":
             for r in rows:
@@ -469,6 +470,10 @@ def _shape_notes(export, sources: ShapeSources, gemm_ns: float, model_desc) -> l
     """One line per user shape that matched nothing, and one saying which source would give the GEMMs
     without a shape their FLOPs."""
     notes = [f"model config: {model_desc}"] if model_desc else []
+    if model_desc and "model config" not in sources.used:
+        notes.append(
+            f"the model config's range names ({', '.join(sources.model_shapes)}) matched no NVTX range holding GEMMs."
+        )
     targets = {"range": "NVTX range", "kernel": "GEMM kernel", "any": "NVTX range or GEMM kernel"}
     for spec in sources.specs:
         if spec.matched == 0:
