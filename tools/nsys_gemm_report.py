@@ -431,7 +431,8 @@ def gemm_report(args, export: ns.Export) -> dict:
     if convs:
         conv_ns = sum(r["total_ns"] for r in convs)
         notes.append(
-            f"{sum(r['count'] for r in convs)} convolution kernels ({len(convs)} names, {conv_ns / 1e6:.3f} ms) "
+            f"{sum(r['count'] for r in convs)} convolution kernels ({len(convs)} name{'s' * (len(convs) != 1)}, "
+            f"{conv_ns / 1e6:.3f} ms) "
             "are implicit GEMMs: counted apart, not in these tables."
         )
     if not export.metadata():
