@@ -888,11 +888,11 @@ def gemm_rates(export: Export, peaks: dict | None = None, default_dtype: str = "
         f"""CREATE TEMP TABLE gk AS
             WITH y AS (
                 SELECT ga.nameId, ga.dur, COALESCE(ga.device, -1) AS device, ga.flops, ga.elems,
-                       COALESCE(ga.dtype, '{default_dtype}') AS dt, k.value AS k_kernel,
+                       COALESCE(ga.dtype, '{default_dtype}') AS dt, ga.nameId AS k_kernel,
                        COALESCE(rn.label, z.op, '(no NVTX range)')
                            || CASE WHEN ga.backward THEN '{BACKWARD_SUFFIX}' ELSE '' END AS k_range,
                        COALESCE(ln.label, '(outside layers.N)') AS k_layer, COALESCE(ga.device, -1) AS k_device
-                FROM ga JOIN StringIds AS k ON k.id = ga.nameId
+                FROM ga
                      LEFT JOIN nv_names AS u ON u.id = ga.user_id LEFT JOIN rname AS rn ON rn.name = u.name
                      LEFT JOIN op_sz AS z ON z.id = ga.op_id
                      LEFT JOIN nv_names AS l ON l.id = ga.layer_id LEFT JOIN rname AS ln ON ln.name = l.name),
@@ -922,12 +922,18 @@ def gemm_groups(export: Export, by: str) -> list[dict]:
                        SUM(ideal_s) * 1e9 AS ideal_ns, SUM(bound_s) * 1e9 AS bound_ns, COUNT(ideal_s) AS n_ideal,
                        COUNT(bound_s) AS n_bound, COUNT(flops) AS n_shaped, GROUP_CONCAT(DISTINCT dt) AS dtypes,
                        GROUP_CONCAT(DISTINCT device) AS devices
-                FROM gk GROUP BY 1 ORDER BY total_ns DESC, name"""
+                FROM gk GROUP BY 1 ORDER BY total_ns DESC"""
         )
     )
     medians = _medians(conn, key)
+    names = {}
+    if by == "kernel":  # grouped on the name ids: the names are long, read them once per group
+        names = dict(
+            conn.execute("SELECT id, value FROM StringIds WHERE id IN (SELECT DISTINCT k_kernel FROM gk)")
+        )
     for r in rows:
         r["median_ns"] = medians.get(r["name"])
+        r["name"] = names.get(r["name"], r["name"])
         # A group is judged against the peak only when every shaped kernel in it has one.
         if r["n_ideal"] != r["n_shaped"]:
             r["ideal_ns"] = None
@@ -935,6 +941,7 @@ def gemm_groups(export: Export, by: str) -> list[dict]:
             r["bound_ns"] = None
         for k in ("n_ideal", "n_bound", "n_shaped"):
             r.pop(k)
+    rows.sort(key=lambda r: (-r["total_ns"], str(r["name"])))
     if by == "kernel":
         launches = kernel_launches(export)
         for r in rows:
