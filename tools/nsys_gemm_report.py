@@ -446,7 +446,7 @@ def gemm_report(args, export: ns.Export) -> dict:
             for (d, t), (p, b) in sorted(peaks.items(), key=lambda x: (str(x[0][0]), x[0][1]))
         ],
         "peak_source": _peak_source(args, labels),
-        "shapes_source": ", ".join(f"{k} ({v} names)" for k, v in sources.used.items()) or "none",
+        "shapes_source": _shapes_source(export, sources),
         "notes": notes,
         "gemm_kernels": n_gemm,
         "gemm_time_ns": gemm_ns,
@@ -454,6 +454,16 @@ def gemm_report(args, export: ns.Export) -> dict:
         "conv_kernels": convs,
         "groups": groups,
     }
+
+
+def _shapes_source(export: ns.Export, sources: ShapeSources) -> str:
+    """Which sources gave shapes, and to how many op ranges or names."""
+    (ops,) = export.conn.execute(
+        "SELECT COUNT(*) FROM op_sz AS z JOIN op_shapes AS s ON s.op = z.op AND s.sizes = z.sizes"
+    ).fetchone()
+    parts = [f"emit_nvtx record_shapes sizes ({ops} op ranges)"] if ops else []
+    parts += [f"{k} ({v} names)" for k, v in sources.used.items()]
+    return ", ".join(parts) or "none"
 
 
 def _peak_source(args, labels: dict) -> str:
