@@ -109,12 +109,13 @@ def gemm_range(name: str, m: int, n: int, k: int, batch: int = 1, dtype=None):
     return _Range(gemm_label(name, m, n, k, batch, _dtype_name(dtype)))
 
 
-def linear_range(name: str, x, weight):
-    """gemm_range() of `x @ weight.T` (an nn.Linear): M = rows of x, N = out features, K = in features."""
+def linear_range(name: str, x, linear):
+    """gemm_range() of an nn.Linear on `x`, `x @ W.T`: M = rows of x, N = out features, K = in features."""
     if not _enabled:
         return _NULL
     k = x.shape[-1]
-    return _Range(gemm_label(name, x.numel() // k, weight.shape[0], k, 1, _dtype_name(_compute_dtype(x))))
+    n = linear.weight.shape[0]
+    return _Range(gemm_label(name, x.numel() // k, n, k, 1, _dtype_name(_compute_dtype(x))))
 
 
 def attention_range(name: str, q, k):

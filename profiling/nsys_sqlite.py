@@ -902,6 +902,10 @@ def gemm_rates(export: Export, peaks: dict | None = None, default_dtype: str = "
     )
 
 
+MEDIAN_GROUPINGS = ("kernel", "range")
+"""Groupings that get a median duration (one sort of all GEMM kernels each: not worth it per layer/device)."""
+
+
 def gemm_groups(export: Export, by: str) -> list[dict]:
     """Grouped rows of the `gk` table (built by gemm_rates; without peaks when it was not called).
 
@@ -925,7 +929,7 @@ def gemm_groups(export: Export, by: str) -> list[dict]:
                 FROM gk GROUP BY 1 ORDER BY total_ns DESC"""
         )
     )
-    medians = _medians(conn, key)
+    medians = _medians(conn, key) if by in MEDIAN_GROUPINGS else {}
     names = {}
     if by == "kernel":  # grouped on the name ids: the names are long, read them once per group
         names = dict(
