@@ -441,7 +441,7 @@ def nvtx_summary(export: Export) -> list[dict]:
     if not has_nvtx(export):
         raise UserError(
             f"{export.path}: no {NVTX} table: nothing was recorded with NVTX. Capture with "
-            "`nsys profile --trace=nvtx,...` and run with `--lmtrain.nvtx=true`."
+            "`nsys profile --trace=nvtx,...` and run with `--profiling.nvtx=true`."
         )
     name_sql, joins = _nvtx_name_sql(export)
     cursor = export.conn.execute(

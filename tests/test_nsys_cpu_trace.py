@@ -135,7 +135,7 @@ def train_args(corpus: Path, out: Path, steps: int, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_trainer_under_nsys(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
-    argv = train_args(corpus, tmp_path / "run", 3, "--lmtrain.nvtx=true")
+    argv = train_args(corpus, tmp_path / "run", 3, "--profiling.nvtx=true")
     sqlite = capture(tmp_path, [sys.executable, "-m", "lmtrain.train", *argv])
     by_name = check_ranges(sqlite, tmp_path, steps=3)
     # the model's ranges also appear in the final evaluation, outside any step
