@@ -996,3 +996,19 @@ def test_gemm_pattern_on_a_trace_of_unknown_matmul_kernels(tmp_path, capsys):
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["gemm_kernels"] == 3 and "bf16 (assumed)" not in data["notes"]
     assert any("taken as bf16" in n for n in data["notes"])  # the name gives no dtype
+
+
+def test_lmtrain_ranges_with_emit_nvtx_attribute_backward_gemms_with_their_own_shapes(tmp_path, capsys):
+    """profiling.emit_nvtx on top of the self-describing ranges: dgrad and wgrad of each linear run on the
+    autograd thread, are tied to their forward range through seq and take the sizes of their own mm ops."""
+    synth = write_export(tmp_path / "s.sqlite", steps=2, n_layers=2, range_style="lmtrain", backward=True,
+                         gemm_tflops=300.0, tokens=2048, dim=512, hidden=1536)  # fmt: skip
+    rc, _, err = run([synth.path, "--gpu", "h100-sxm", "--json", tmp_path / "r.json", "--quiet"], capsys)
+    assert rc == 0, err
+    ranges = {r["name"]: r for r in json.loads((tmp_path / "r.json").read_text())["groups"]["range"]}
+    assert set(ranges) == set(synth.ffn_shapes) | {f"{n} (backward)" for n in synth.ffn_shapes}
+    for name, (_, m, n, k) in synth.ffn_shapes.items():
+        forward, backward = ranges[name], ranges[f"{name} (backward)"]
+        assert (forward["count"], backward["count"]) == (4, 8)
+        assert backward["flops"] == pytest.approx(2 * forward["flops"]) == pytest.approx(8 * 2.0 * m * n * k)
+        assert backward["pct_peak"] == pytest.approx(300.0 / 989.0, rel=1e-3)

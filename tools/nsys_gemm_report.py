@@ -600,7 +600,7 @@ def print_gemm_report(report: dict, top: int | None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    console = Console(width=max(Console().width, 200))
+    console = Console(width=max(Console().width, 260))  # every column of the widest table, unabridged
     lines = _header_lines(report)
     console.print(f"[bold]{escape(lines[0])}[/]")
     for line in lines[1:]:
