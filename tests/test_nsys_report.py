@@ -1012,3 +1012,12 @@ def test_lmtrain_ranges_with_emit_nvtx_attribute_backward_gemms_with_their_own_s
         assert (forward["count"], backward["count"]) == (4, 8)
         assert backward["flops"] == pytest.approx(2 * forward["flops"]) == pytest.approx(8 * 2.0 * m * n * k)
         assert backward["pct_peak"] == pytest.approx(300.0 / 989.0, rel=1e-3)
+
+
+def test_a_dtype_the_device_has_no_peak_for_is_said(tmp_path, capsys):
+    synth = write_export(tmp_path / "s.sqlite", steps=1, n_layers=1, device_name="Tesla V100-SXM2-16GB")
+    rc, out, err = run([synth.path, "--json", tmp_path / "r.json"], capsys)
+    assert rc == 0, err
+    assert "V100 SXM2 has no bf16 peak in the table" in out  # an nvjet bf16 kernel judged on a V100
+    row = json.loads((tmp_path / "r.json").read_text())["groups"]["kernel"][0]
+    assert row["tflops"] is not None and row["pct_peak"] is None

@@ -413,6 +413,11 @@ def gemm_report(args, export: ns.Export) -> dict:
     base, labels, notes = resolve_peaks(args, export, devices)
     dtypes = {t or ASSUMED_DTYPE for _, t in pairs}
     peaks = peak_table(args, base, dtypes)
+    for (dev, dtype), (peak, _) in sorted(peaks.items(), key=lambda x: (str(x[0][0]), x[0][1])):
+        if peak is None and base.get(dev) is not None:
+            notes.append(
+                f"{base[dev].label} has no {dtype} peak in the table: its {dtype} GEMMs get no % of peak."
+            )
     groups = {}
     gemm_ns = None
     ns.gemm_rates(export, peaks, default_dtype=ASSUMED_DTYPE)
