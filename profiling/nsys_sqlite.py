@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmtrain.errors import UserError
-from lmtrain.nvtx import parse_gemm_label
+from lmtrain.nvtx import parse_gemm_labels
 
 KERNEL = "CUPTI_ACTIVITY_KIND_KERNEL"
 RUNTIME = "CUPTI_ACTIVITY_KIND_RUNTIME"
@@ -425,7 +425,7 @@ def nvtx_group_name(name: str) -> str:
     """A range name without emit_nvtx's per-call `seq = N`, `op_id = N` and `input_op_ids = [..]` and
     without the shape of a self-describing GEMM range (`FeedForward/w1 [gemm M=..]` -> `FeedForward/w1`)."""
     if name.endswith("]") and " [gemm " in name:
-        parsed = parse_gemm_label(name)
+        parsed = parse_gemm_labels(name)
         return parsed[0] if parsed else name
     return _OP_IDS.sub("", name) if ", " in name else name
 
@@ -839,17 +839,21 @@ def _attribute_gemms(export: Export, corr: str, pid: str, shape_of_range, kernel
     conn.execute("DROP TABLE temp.ga0")
 
 
-def _shape_cost(shape: tuple) -> tuple[float, float, str | None]:
-    """(FLOPs, elements moved, dtype) of a (batch, M, N, K[, dtype]) shape."""
-    batch, m, n, k = shape[:4]
-    dtype = shape[4] if len(shape) > 4 else None
-    return (*gemm_flops_elems(batch, m, n, k), dtype)
+def _shape_cost(shape) -> tuple[float, float, str | None]:
+    """(FLOPs, elements moved, dtype) of a (batch, M, N, K[, dtype]) shape, or summed over a list of them."""
+    shapes = shape if isinstance(shape[0], (tuple, list)) else [shape]
+    flops = elems = 0.0
+    dtype = None
+    for batch, m, n, k, *rest in shapes:
+        f, e = gemm_flops_elems(batch, m, n, k)
+        flops, elems, dtype = flops + f, elems + e, dtype or (rest[0] if rest else None)
+    return flops, elems, dtype
 
 
 def range_label(name: str) -> str:
     """The grouping label of a range name: without a self-describing `[gemm ...]` shape; a pyprof dict
     range as `module.op`."""
-    parsed = parse_gemm_label(name)
+    parsed = parse_gemm_labels(name)
     if parsed:
         return parsed[0]
     if name.startswith("{"):

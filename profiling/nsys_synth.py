@@ -68,11 +68,14 @@ def write_export(
     extra_kernels: tuple[str, ...] = (),
     device_id: int = 0,
     gpus: tuple[tuple[int, str], ...] | None = None,
+    lmtrain_backward: bool = False,
 ) -> SynthResult:
     """Write the export; see the module docstring. `gemm_names` maps an FFN range to its GEMM kernel's name
     (default `gemm_name`); `split_k` adds a cuBLAS split-K reduction after each GEMM; `extra_kernels` are
     launched once per layer outside the FFN ranges (2-3 us). Kernels run on `device_id`; `gpus` are the
-    (id, name) rows of TARGET_INFO_GPU (default: one row, `device_name` as device 0)."""
+    (id, name) rows of TARGET_INFO_GPU (default: one row, `device_name` as device 0). With `backward` and
+    `lmtrain_backward`, the backward thread opens lmtrain's own `FeedForward/wN (backward) [gemm ..] [gemm ..]`
+    ranges (lmtrain.nvtx.linear_range) instead of emit_nvtx's Function and op ranges."""
     assert range_style in ("emit_nvtx", "lmtrain", "plain"), range_style
     gemm_names = {name: (gemm_names or {}).get(name, gemm_name) for name in FFN_RANGES}
     path = Path(path)
@@ -179,7 +182,7 @@ def write_export(
     for step in range(steps):
         s = push("step")
         f = push("forward")
-        forward_seqs = []  # (seq of the forward mm, its shape), in forward order
+        forward_seqs = []  # (seq of the forward mm, its shape, its range), in forward order
         for layer in range(n_layers):
             lr = push(f"layers.{layer}")
             for name in FFN_RANGES:
@@ -189,9 +192,9 @@ def write_export(
                 else:
                     r = push(name if range_style == "emit_nvtx" else name.split("/")[-1])
                 seq += 1
-                emit_op = (with_sizes and range_style == "emit_nvtx") or backward
+                emit_op = (with_sizes and range_style == "emit_nvtx") or (backward and not lmtrain_backward)
                 gemm(m, n, k, f"aten::mm, seq = {seq}" if emit_op else None, name=gemm_names[name])
-                forward_seqs.append((seq, (m, n, k)))
+                forward_seqs.append((seq, (m, n, k), name))
                 pop(r)
             for name in extra_kernels:  # durations that differ by layer and step, for medians
                 launch(strings[name], 2_000 + 700 * (layer % 2) + 300 * step)
@@ -199,10 +202,19 @@ def write_export(
         pop(f)
         if backward:
             b = push("backward")
-            for fwd_seq, (m, n, k) in reversed(forward_seqs):
+            for fwd_seq, (m, n, k), name in reversed(forward_seqs):
+                # X (m, k) @ W (k, n): dX = dY (m, n) @ W^T (n, k); dW = X^T (k, m) @ dY (m, n).
+                if lmtrain_backward:
+                    label = gemm_label(f"{name} (backward)", m, k, n, dtype="bf16") + gemm_label(
+                        "", k, n, m, dtype="bf16"
+                    )
+                    fn = push(label, AUTOGRAD_TID)
+                    gemm(m, k, n, None, AUTOGRAD_TID, name=gemm_names[name])
+                    gemm(k, n, m, None, AUTOGRAD_TID, name=gemm_names[name])
+                    pop(fn)
+                    continue
                 op_id += 1
                 fn = push(f"MmBackward0, seq = {fwd_seq}, op_id = {op_id}", AUTOGRAD_TID)
-                # X (m, k) @ W (k, n): dX = dY (m, n) @ W^T (n, k); dW = X^T (k, m) @ dY (m, n).
                 gemm(m, k, n, "aten::mm, seq = 0", AUTOGRAD_TID)
                 gemm(k, n, m, "aten::mm, seq = 0", AUTOGRAD_TID)
                 pop(fn)

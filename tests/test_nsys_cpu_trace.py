@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lmtrain.nvtx import parse_gemm_label
+from lmtrain.nvtx import parse_gemm_labels
 from lmtrain.tools import nsys_gemm_report as report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,8 +99,12 @@ def test_profiling_hooks_under_nsys(tmp_path):
     with sqlite3.connect(sqlite) as conn:
         texts = [t for (t,) in conn.execute(
             "SELECT COALESCE(e.text, s.value) FROM NVTX_EVENTS AS e LEFT JOIN StringIds AS s ON s.id = e.textId")]  # fmt: skip
-    shapes = dict(parse_gemm_label(t) for t in texts if t and " [gemm " in t)
+    parsed = [parse_gemm_labels(t) for t in texts if t and " [gemm " in t]
+    shapes = {name: groups[0] for name, groups in parsed if len(groups) == 1}
     assert {"Attention/wq", "Attention/sdpa", "FeedForward/w1", "FeedForward/w2"} <= set(shapes), shapes
+    # Backward (on this CPU: the main thread) opens each linear's range with its dgrad and wgrad shapes.
+    backward = {name: groups for name, groups in parsed if len(groups) == 2}
+    assert {"FeedForward/w1 (backward)", "Attention/wo (backward)"} <= set(backward), backward
     assert all(min(shape[:4]) >= 1 and shape[4] for shape in shapes.values())
 
 

@@ -959,12 +959,19 @@ def test_committed_cpu_capture_of_lmtrain_against_nvtxsum(tmp_path, capsys):
     with sqlite3.connect(path) as conn:
         texts = [t for (t,) in conn.execute("SELECT COALESCE(e.text, s.value) FROM NVTX_EVENTS AS e "
                                             "LEFT JOIN StringIds AS s ON s.id = e.textId")]  # fmt: skip
-    from lmtrain.nvtx import parse_gemm_label
+    from lmtrain.nvtx import parse_gemm_labels
 
-    shapes = dict(parse_gemm_label(t) for t in texts if t and " [gemm " in t)
+    parsed = [parse_gemm_labels(t) for t in texts if t and " [gemm " in t]
+    shapes = {name: groups[0] for name, groups in parsed if len(groups) == 1}
     # (batch, M, N, K, dtype): w1 maps dim -> hidden, w2 hidden -> dim.
     assert shapes["FeedForward/w1"][2:4] == (shapes["FeedForward/w2"][3], shapes["FeedForward/w2"][2])
     assert shapes["Attention/wq"][4] == "fp32"
+    # Backward ran on the main thread (CPU): each linear's backward range, with dgrad and wgrad, inside it.
+    (dgrad, wgrad) = next(groups for name, groups in parsed if name == "FeedForward/w1 (backward)")
+    _, m, n, k, _ = shapes["FeedForward/w1"]
+    assert dgrad[1:4] == (m, k, n) and wgrad[1:4] == (n, k, m)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["FeedForward/w1 (backward)"]["parent"] == "backward"
     rc, out, err = run([path, "--quiet", "--json", tmp_path / "n.json"], capsys)
     assert rc == 0, err
     assert "--trace=cuda" in json.loads((tmp_path / "n.json").read_text())["note"]
@@ -1021,3 +1028,65 @@ def test_a_dtype_the_device_has_no_peak_for_is_said(tmp_path, capsys):
     assert "V100 SXM2 has no bf16 peak in the table" in out  # an nvjet bf16 kernel judged on a V100
     row = json.loads((tmp_path / "r.json").read_text())["groups"]["kernel"][0]
     assert row["tflops"] is not None and row["pct_peak"] is None
+
+
+def test_linear_layers_open_a_backward_range_around_their_gradient_gemms(monkeypatch):
+    """The backward range of each linear layer is pushed and popped in order around its matmul node, and
+    carries dgrad and wgrad with their own shapes."""
+    import torch
+
+    import lmtrain.nvtx as nvtx
+    from lmtrain.config import ModelConfig
+    from lmtrain.model import Transformer, model_args_from_config
+
+    stack: list[str] = []
+    pushed: list[str] = []
+
+    def push(text: str) -> None:
+        if " (backward)" in text:  # one layer's backward at a time: never inside another's
+            assert not any(" (backward)" in t for t in stack), (text, stack)
+        stack.append(text)
+        pushed.append(text)
+
+    monkeypatch.setattr(nvtx, "_enabled", True)
+    monkeypatch.setattr(nvtx, "_push", push)
+    monkeypatch.setattr(nvtx, "_pop", stack.pop)
+    torch.manual_seed(0)
+    args = model_args_from_config(ModelConfig(preset="tiny", dim=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                                              multiple_of=32), vocab_size=61, seq_len=8)  # fmt: skip
+    model = Transformer(args)
+    model(torch.randint(0, 61, (2, 8))).float().pow(2).mean().backward()
+    assert stack == []  # every range closed
+    backward = [nvtx.parse_gemm_labels(t) for t in pushed if " (backward)" in t]
+    names = sorted(name for name, _ in backward)
+    per_layer = ["Attention/wk", "Attention/wo", "Attention/wq", "Attention/wv", "FeedForward/w1", "FeedForward/w2",
+                 "FeedForward/w3"]  # fmt: skip
+    assert names == sorted(f"{n} (backward)" for n in per_layer * 2)
+    forward = dict(nvtx.parse_gemm_label(t) for t in pushed if " [gemm " in t and " (backward)" not in t)
+    for name, (dgrad, wgrad) in backward:
+        _, m, n, k, dtype = forward[name.removesuffix(" (backward)")]
+        assert dgrad == (1, m, k, n, dtype) and wgrad == (1, n, k, m, dtype)
+    with torch.no_grad():  # nothing recorded: no backward range
+        pushed.clear()
+        model(torch.randint(0, 61, (2, 8)))
+    assert not any(" (backward)" in t for t in pushed)
+
+
+def test_lmtrain_backward_ranges_alone_attribute_dgrad_and_wgrad(tmp_path, capsys):
+    """No emit_nvtx: the backward thread's `FeedForward/wN (backward) [gemm ..] [gemm ..]` ranges carry both
+    gradient GEMMs' shapes; each range's FLOPs are those of its two GEMMs, on its first kernel."""
+    synth = write_export(tmp_path / "s.sqlite", steps=2, n_layers=2, range_style="lmtrain", backward=True,
+                         lmtrain_backward=True, gemm_tflops=300.0, tokens=2048, dim=512, hidden=1536)  # fmt: skip
+    rc, out, err = run([synth.path, "--gpu", "h100-sxm", "--json", tmp_path / "r.json", "--quiet"], capsys)
+    assert rc == 0, err
+    data = json.loads((tmp_path / "r.json").read_text())
+    ranges = {r["name"]: r for r in data["groups"]["range"]}
+    assert set(ranges) == set(synth.ffn_shapes) | {f"{n} (backward)" for n in synth.ffn_shapes}
+    for name, (_, m, n, k) in synth.ffn_shapes.items():
+        calls = 2 * 2
+        seconds = 2 * calls * round(2 * m * n * k / 300e3) / 1e9
+        hand = _hand_rates(
+            2 * calls * 2.0 * m * n * k, seconds, 2 * calls * (m * k + k * n + m * n), 989.0, 3.35e12
+        )
+        _check_row(ranges[f"{name} (backward)"], hand)
+    assert "no shape" not in out and all(r["tflops"] for r in data["groups"]["range"])

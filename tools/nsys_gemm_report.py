@@ -46,7 +46,7 @@ if __package__ in (None, ""):
 
 from lmtrain.atomic import atomic_write_text  # noqa: E402
 from lmtrain.errors import UserError  # noqa: E402
-from lmtrain.nvtx import parse_gemm_label  # noqa: E402
+from lmtrain.nvtx import parse_gemm_labels  # noqa: E402
 from lmtrain.profiling import nsys_sqlite as ns  # noqa: E402
 from lmtrain.profiling.peaks import (  # noqa: E402
     DEFAULT_KEY,
@@ -182,7 +182,7 @@ class ShapeSources:
                 spec.matched += 1
                 self._count("--shape/--shapes")
                 return spec.shape
-        parsed = parse_gemm_label(name)
+        parsed = parse_gemm_labels(name)
         if parsed:
             self._count("lmtrain self-describing ranges")
             return parsed[1]
