@@ -31,15 +31,21 @@ import torch.nn.functional as F
 
 from lmtrain.errors import UserError
 from lmtrain.losses import DEFAULT_CHUNK, lm_loss_sum
-from lmtrain.nvtx import nvtx_range
+from lmtrain.nvtx import attention_range, linear_range, nvtx_range
 
 
-def _range(name: str):
+def _range(name: str, x=None, linear=None, keys=None):
     """An NVTX range (see `lmtrain.nvtx`; free unless enabled) around eager code. Inside torch.compile
     there is none: a push/pop is a Python side effect that would break the graph fullgraph=True needs,
-    and the compiled kernels no longer map onto these modules anyway."""
+    and the compiled kernels no longer map onto these modules anyway. Given a `linear` layer and its input
+    `x`, or attention's queries `x` and `keys`, the range text carries the GEMM's shape (only computed
+    while ranges are enabled)."""
     if torch.compiler.is_compiling():
         return contextlib.nullcontext()
+    if linear is not None:
+        return linear_range(name, x, linear)
+    if keys is not None:
+        return attention_range(name, x, keys)
     return nvtx_range(name)
 
 
@@ -285,11 +291,11 @@ class Attention(nn.Module):
         start_pos: int = 0,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        with _range("Attention/wq"):
+        with _range("Attention/wq", x, self.wq):
             q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
-        with _range("Attention/wk"):
+        with _range("Attention/wk", x, self.wk):
             k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
-        with _range("Attention/wv"):
+        with _range("Attention/wv", x, self.wv):
             v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         if self.use_rope:
             assert rope is not None
@@ -298,12 +304,12 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(start_pos, k, v)  # (B, Hkv, S, hd) with S = start_pos + T
         rep = self.n_heads // self.n_kv_heads
-        with _range("Attention/sdpa"):
+        with _range("Attention/sdpa", q, keys=k):
             out = F.scaled_dot_product_attention(
                 q, repeat_kv(k, rep), repeat_kv(v, rep), attn_mask=mask, is_causal=mask is None and T > 1
             )  # (B, H, T, hd)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)
-        with _range("Attention/wo"):
+        with _range("Attention/wo", out, self.wo):
             return self.wo(out)
 
 
@@ -322,11 +328,11 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-        with _range("FeedForward/w1"):
+        with _range("FeedForward/w1", x, self.w1):
             gate = F.silu(self.w1(x))  # (B, T, hidden)
-        with _range("FeedForward/w3"):
+        with _range("FeedForward/w3", x, self.w3):
             up = self.w3(x)  # (B, T, hidden)
-        with _range("FeedForward/w2"):
+        with _range("FeedForward/w2", gate, self.w2):
             return self.w2(gate * up)
 
 
@@ -339,9 +345,9 @@ class GeluFeedForward(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-        with _range("FeedForward/w1"):
+        with _range("FeedForward/w1", x, self.w1):
             h = F.gelu(self.w1(x), approximate="tanh")  # (B, T, 4C)
-        with _range("FeedForward/w2"):
+        with _range("FeedForward/w2", h, self.w2):
             return self.w2(h)
 
 

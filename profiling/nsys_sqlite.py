@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmtrain.errors import UserError
+from lmtrain.nvtx import parse_gemm_labels
 
 KERNEL = "CUPTI_ACTIVITY_KIND_KERNEL"
 RUNTIME = "CUPTI_ACTIVITY_KIND_RUNTIME"
@@ -95,23 +96,46 @@ def _connect(path: Path, check_same_thread: bool = True) -> sqlite3.Connection:
     return conn
 
 
+def is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    """True for SQLite errors that mean a damaged file rather than a wrong query."""
+    text = str(exc).lower()
+    return not isinstance(exc, sqlite3.OperationalError) or any(
+        m in text for m in ("malformed", "not a database", "disk i/o", "corrupt", "truncated", "short read")
+    )
+
+
+def corrupt_message(path: Path, exc: Exception) -> str:
+    return (
+        f"{path}: the export is damaged or truncated ({exc}); copy it again or re-export it with "
+        "`nsys export --type sqlite --force-overwrite true REPORT.nsys-rep`"
+    )
+
+
 def open_export(path: str | Path) -> Export:
-    """Open an nsys SQLite export read-only; UserError when it is missing, not SQLite or not nsys."""
+    """Open an nsys SQLite export read-only; UserError when it is missing, a directory, a Git LFS pointer,
+    an `.nsys-rep`, not SQLite, damaged, or not from nsys."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.sqlite"))[:5]
+        hint = f" It holds: {', '.join(inside)}." if inside else ""
+        raise UserError(f"{path}: a directory; pass the .sqlite export file itself.{hint}")
     if not path.is_file():
         raise UserError(f"{path}: no such file (expected an nsys SQLite export: `nsys export --type sqlite`)")
     with open(path, "rb") as fh:
-        header = fh.read(16)
-    if header != b"SQLite format 3\x00":
-        hint = ""
+        header = fh.read(100)
+    if header.startswith(b"version https://git-lfs"):
+        raise UserError(f"{path}: a Git LFS pointer, not the export itself: fetch it with `git lfs pull`")
+    if not header.startswith(b"SQLite format 3\x00"):
         if path.suffix in (".nsys-rep", ".qdrep"):
-            hint = f" Convert it first: `nsys export --type sqlite --output {path.with_suffix('.sqlite')} {path}`."
-        raise UserError(f"{path}: not an SQLite file (expected an nsys SQLite export).{hint}")
-    conn = _connect(path)
+            hint = f"an Nsight Systems report; convert it first: `nsys export --type sqlite --output {path.with_suffix('.sqlite')} {path}`"
+        else:
+            hint = "expected an nsys SQLite export (`nsys export --type sqlite REPORT.nsys-rep`)"
+        raise UserError(f"{path}: not an SQLite file: {hint}")
     try:
+        conn = _connect(path)
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     except sqlite3.DatabaseError as exc:
-        raise UserError(f"{path}: not a readable SQLite database ({exc})") from None
+        raise UserError(corrupt_message(path, exc)) from None
     export = Export(path, conn, tables)
     markers = {"StringIds", KERNEL, RUNTIME, NVTX, "EXPORT_META_DATA", "META_DATA_EXPORT"}
     if "StringIds" not in tables or not (tables & (markers - {"StringIds"})):
@@ -168,13 +192,94 @@ def kernel_summary(export: Export, limit: int | None = None) -> list[dict]:
 # GEMM recognition and shapes
 # --------------------------------------------------------------------------------------------------
 
-_GEMM = re.compile(r"gemm|\bnvjet_|xmma_", re.IGNORECASE)
-_NOT_GEMM = re.compile(r"flash|fmha|attention|attn|splitkreduce|gemv", re.IGNORECASE)
+# Which kernels are GEMMs: one rule, applied in this order to the demangled kernel name.
+#  1. A `--gemm-pattern` regex the user gave matches anywhere in the name: GEMM (e.g. nvFuser matmuls).
+#  2. Fused attention (`flash`, `fmha`, `attention`, `attn` anywhere): not a GEMM, even though its
+#     template arguments name CUTLASS GEMM pieces.
+#  3. The rest looks only at the kernel's own name, its "head": the function name without return type,
+#     namespaces and template arguments; for a generic CUTLASS launcher (`cutlass::Kernel<X>`,
+#     `cutlass::Kernel2<X>`, `cutlass::device_kernel<X>`) the head of X. Template arguments are skipped
+#     because cuBLAS GEMMs carry GEMV parameter types (`gemmSN_NN_kernel<..., cublasGemvTensor...>`).
+#  4. Convolution (implicit-GEMM `fprop`/`dgrad`/`wgrad`, `implicit_convolve`, `winograd`, `conv`, cuDNN's
+#     own `*_scudnn_*`/`*1688cudnn*` kernels, also inside TensorRT): class "conv".
+#  5. GEMV, pooling and cuDNN's helpers (`computeOffsetsKernel`, `compute_gemm_pointers`): not GEMMs.
+#  6. cuBLAS split-K reductions (`splitKreduce_kernel`): class "gemm", counted with the GEMM they finish.
+#  7. `gemm` anywhere in the head (cuBLAS `gemmSN_*`, `gemmk1_kernel`, `ampere_sgemm_*`, `volta_h884gemm_*`,
+#     `sm90_xmma_gemm_*`, CUTLASS `cutlass_80_tensorop_s16816gemm_*`, `cutlass3x_sm90_tensorop_gemm_*`,
+#     `GemmUniversal`, TensorRT `trt_*gemm*`) or an `nvjet_` prefix (cuBLAS on Hopper/Blackwell): "gemm".
+GEMM, CONV = "gemm", "conv"
+_ATTENTION = re.compile(r"flash|fmha|attention|attn", re.IGNORECASE)
+_CUTLASS_LAUNCHERS = {"Kernel", "Kernel2", "device_kernel"}
+_CONV = re.compile(r"conv|fprop|dgrad|wgrad|winograd|cudnn", re.IGNORECASE)
+_NOT_GEMM_HEAD = re.compile(r"gemv|pool|computeOffsets|compute_gemm_pointers", re.IGNORECASE)
+_SPLIT_K = re.compile(r"split_?k_?reduce|reduce_?split_?k", re.IGNORECASE)
+_GEMM_HEAD = re.compile(r"gemm|^nvjet_", re.IGNORECASE)
 
 
-def is_gemm(name: str) -> bool:
-    """True for cuBLAS (xmma, nvjet, sm*_gemm) and CUTLASS 2/3 GEMM kernels; not for flash-attention."""
-    return bool(_GEMM.search(name)) and not _NOT_GEMM.search(name)
+def kernel_head(name: str) -> str:
+    """The kernel's own name: `void cublasLt::splitKreduce_kernel<...>(...)` -> `splitKreduce_kernel`."""
+    text = name.strip()
+    for _ in range(4):  # unwrap generic launchers, at most a few levels
+        text = re.sub(r"^(?:void|static|__global__)\s+", "", text)
+        cut = min((i for i in (text.find("<"), text.find("(")) if i >= 0), default=len(text))
+        qualified = text[:cut].strip()
+        head = qualified.rsplit("::", 1)[-1].strip()
+        if head in _CUTLASS_LAUNCHERS and cut < len(text) and text[cut] == "<":
+            text = text[cut + 1 :]
+            continue
+        return head
+    return head
+
+
+def kernel_class(name: str, user_pattern: re.Pattern | None = None) -> str | None:
+    """ "gemm", "conv" or None for a demangled kernel name, by the rule above."""
+    if user_pattern is not None and user_pattern.search(name):
+        return GEMM
+    if _ATTENTION.search(name):
+        return None
+    head = kernel_head(name)
+    if _CONV.search(head):
+        return CONV
+    if _NOT_GEMM_HEAD.search(head):
+        return None
+    if _SPLIT_K.search(head) or _GEMM_HEAD.search(head):
+        return GEMM
+    return None
+
+
+def is_gemm(name: str, user_pattern: re.Pattern | None = None) -> bool:
+    """True for GEMM kernels (cuBLAS, nvjet, xmma, CUTLASS 2/3, TensorRT, split-K reductions); see above."""
+    return kernel_class(name, user_pattern) == GEMM
+
+
+# The GEMM's input type from its kernel name, for the peak it is judged against and the bytes per
+# element. nvjet names code the types in letters after `nvjet_[smNN_]` (`tst`: bf16 in, `hsh`: fp16,
+# `sss`: fp32, `sss_tf32`: tf32, `q`/`e`: fp8, `d`: fp64); the others spell them (xmma `bf16bf16_bf16f32`,
+# CUTLASS `tensorop_bf16_s16816gemm`, `f32f32_tf32f32`) or use the BLAS letter (`sgemm`, `hgemm`, `dgemm`,
+# `h884gemm`); cuBLAS templates name the C type (`gemmSN_NN_kernel<float, ...>`). Checked in this order:
+# the first that matches wins.
+_NVJET_TYPES = {"q": "fp8", "e": "fp8", "t": "bf16", "h": "fp16", "s": "fp32", "d": "fp64"}
+_DTYPE_PATTERNS: tuple[tuple[str, str], ...] = (
+    (r"e4m3|e5m2|fp8|f8f8", "fp8"),
+    (r"bf16|bfloat16", "bf16"),
+    (r"tf32", "tf32"),
+    (r"f16|fp16|half|h884|h1688|h16816|hgemm|\bh\d*gemm", "fp16"),
+    (r"f64|fp64|double|dgemm|d884|dmma", "fp64"),
+    (r"s1688gemm|s1684gemm", "tf32"),  # the 16x8x8 tensor-core MMA with fp32 operands is TF32
+    (r"f32|fp32|float|sgemm|s884|single", "fp32"),
+)
+BYTES_PER_ELEMENT = {"fp8": 1, "bf16": 2, "fp16": 2, "tf32": 4, "fp32": 4, "fp64": 8}
+
+
+def kernel_dtype(name: str) -> str | None:
+    """Input data type of a GEMM kernel (`bf16`, `fp16`, `tf32`, `fp32`, `fp64`, `fp8`), None if unnamed."""
+    nvjet = re.match(r"(?:void\s+)?nvjet_(?:sm\d+_)?([a-z]+)_", name)
+    if nvjet:
+        return "tf32" if "_tf32" in name else _NVJET_TYPES.get(nvjet.group(1)[0])
+    for pattern, dtype in _DTYPE_PATTERNS:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return dtype
+    return None
 
 
 _SIZES = re.compile(r"sizes = (\[.*\])")
@@ -230,9 +335,42 @@ def gemm_dims(op: str, sizes: list[list[int]]) -> tuple[int, int, int, int] | No
     return None
 
 
+def gemm_flops_elems(batch: int, m: int, n: int, k: int) -> tuple[float, float]:
+    """(FLOPs, elements read and written at least) of a (batched) M×K @ K×N GEMM: 2MNK and MK+KN+MN."""
+    return 2.0 * batch * m * n * k, float(batch * (m * k + k * n + m * n))
+
+
 def gemm_cost(batch: int, m: int, n: int, k: int, bytes_per_element: int = 2) -> tuple[float, float]:
     """(FLOPs, minimum bytes moved) of a (batched) M×K @ K×N GEMM: 2MNK and (MK+KN+MN)·element size."""
     return 2.0 * batch * m * n * k, float(batch * (m * k + k * n + m * n) * bytes_per_element)
+
+
+def parse_pyprof_marker(text: str) -> tuple[str, str, list[list[int]], str | None] | None:
+    """(module, op, input shapes, dtype) of a pyprof/DLProf-style NVTX dict range, or None.
+
+    Those ranges are a Python dict's repr: `{'mod': 'torch.nn.functional', 'op': 'linear', 'args':
+    [{'name': '', 'type': 'tensor', 'shape': (8, 16), 'dtype': 'float16'}, ...]}`.
+    """
+    try:
+        marker = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    if not isinstance(marker, dict) or "op" not in marker:
+        return None
+    shapes, dtype = [], None
+    for arg in marker.get("args") or []:
+        if (
+            isinstance(arg, dict)
+            and arg.get("type") == "tensor"
+            and isinstance(arg.get("shape"), (list, tuple))
+        ):
+            shapes.append([int(d) for d in arg["shape"]])
+            dtype = dtype or arg.get("dtype")
+    return str(marker.get("mod", "")), str(marker["op"]), shapes, _DTYPE_NAMES.get(str(dtype), dtype)
+
+
+_DTYPE_NAMES = {"float16": "fp16", "torch.float16": "fp16", "bfloat16": "bf16", "torch.bfloat16": "bf16",
+                "float32": "fp32", "torch.float32": "fp32", "float64": "fp64", "torch.float64": "fp64"}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,58 +418,68 @@ def _nvtx_name_sql(export: Export) -> tuple[str, str]:
     return base, joins
 
 
-def _build_nvtx_table(export: Export) -> None:
-    """Temp table `nv` of all closed NVTX ranges with their names and styles (for nvtx_summary)."""
-    conn = export.conn
-    conn.execute("DROP TABLE IF EXISTS temp.nv")
-    name, joins = _nvtx_name_sql(export)
-    conn.execute(
-        f"""CREATE TEMP TABLE nv AS
-            SELECT e.globalTid AS tid, e.start AS start, e."end" AS "end", {name} AS name,
-                   CASE e.eventType WHEN 59 THEN 'PushPop' ELSE 'StartEnd' END AS style
-            FROM {NVTX} AS e {joins}
-            WHERE e.eventType IN {RANGE_TYPES} AND e."end" IS NOT NULL"""
-    )
+_OP_IDS = re.compile(r", (?:seq|op_id) = \d+|, input_op_ids = \[[^\]]*\]")
+
+
+def nvtx_group_name(name: str) -> str:
+    """A range name without emit_nvtx's per-call `seq = N`, `op_id = N` and `input_op_ids = [..]` and
+    without the shape of a self-describing GEMM range (`FeedForward/w1 [gemm M=..]` -> `FeedForward/w1`)."""
+    if name.endswith("]") and " [gemm " in name:
+        parsed = parse_gemm_labels(name)
+        return parsed[0] if parsed else name
+    return _OP_IDS.sub("", name) if ", " in name else name
 
 
 def nvtx_summary(export: Export) -> list[dict]:
     """Per NVTX range name and style: count, total/avg/min/max ns, first start, parent range and depth.
 
-    Totals match `nsys stats --report nvtxsum` (marks excluded, ranges of a named domain as `domain:name`).
+    Totals match `nsys stats --report nvtxsum` (marks excluded, ranges of a named domain as `domain:name`),
+    except that emit_nvtx's per-call ids (`seq = N`, `op_id = N`) and self-describing GEMM shapes are not
+    part of the name (nvtx_group_name). The parent is
+    the range that most often encloses it on its thread, found in one pass per thread with a stack.
     """
     if not has_nvtx(export):
         raise UserError(
             f"{export.path}: no {NVTX} table: nothing was recorded with NVTX. Capture with "
-            "`nsys profile --trace=nvtx,...` and run with `--lmtrain.nvtx=true`."
+            "`nsys profile --trace=nvtx,...` and run with `--profiling.nvtx=true`."
         )
-    _build_nvtx_table(export)
-    conn = export.conn
-    conn.execute("CREATE INDEX temp.nv_i ON nv (tid, start)")
-    rows = _dicts(
-        conn.execute(
-            """
-            WITH parented AS (
-                SELECT n.name, n.style, n."end" - n.start AS dur, n.start,
-                       (SELECT p.name FROM nv AS p WHERE p.tid = n.tid AND p.start <= n.start AND p."end" >= n."end"
-                               AND p.rowid != n.rowid ORDER BY p.start DESC, p.rowid LIMIT 1) AS parent
-                FROM nv AS n
-            ), counted AS (
-                SELECT name, style, parent, COUNT(*) AS c FROM parented GROUP BY name, style, parent
-            ), top_parent AS (
-                SELECT name, style, parent FROM (
-                    SELECT name, style, parent, ROW_NUMBER() OVER (PARTITION BY name, style ORDER BY c DESC) AS rn
-                    FROM counted) WHERE rn = 1
-            )
-            SELECT p.name AS name, p.style AS style, COUNT(*) AS count, SUM(p.dur) AS total_ns,
-                   AVG(p.dur) AS avg_ns, MIN(p.dur) AS min_ns, MAX(p.dur) AS max_ns, MIN(p.start) AS first_start,
-                   t.parent AS parent
-            FROM parented AS p JOIN top_parent AS t ON t.name = p.name AND t.style = p.style
-            GROUP BY p.name, p.style ORDER BY first_start
-            """
-        )
+    name_sql, joins = _nvtx_name_sql(export)
+    cursor = export.conn.execute(
+        f"""SELECT e.globalTid, e.start, e."end", {name_sql}, e.eventType
+            FROM {NVTX} AS e {joins} WHERE {_CLOSED} ORDER BY e.globalTid, e.start, e."end" DESC"""
     )
-    if not rows:
+    stats: dict[tuple[str, str], list] = {}  # (name, style) -> [count, total, min, max, first start, parents]
+    stack: list[tuple[int, str]] = []  # (end, name) of the ranges open at the current start
+    tid_now = None
+    for tid, start, end, raw, event_type in cursor:
+        name = nvtx_group_name(raw)
+        if tid != tid_now:
+            stack.clear()
+            tid_now = tid
+        while stack and stack[-1][0] < end:
+            stack.pop()
+        parent = stack[-1][1] if stack else None
+        stack.append((end, name))
+        key = (name, "PushPop" if event_type == 59 else "StartEnd")
+        dur = end - start
+        entry = stats.get(key)
+        if entry is None:
+            stats[key] = [1, dur, dur, dur, start, {parent: 1}]
+            continue
+        entry[0] += 1
+        entry[1] += dur
+        entry[2] = min(entry[2], dur)
+        entry[3] = max(entry[3], dur)
+        entry[4] = min(entry[4], start)
+        entry[5][parent] = entry[5].get(parent, 0) + 1
+    if not stats:
         raise UserError(f"{export.path}: {NVTX} has no closed NVTX ranges (only marks or domain events)")
+    rows = []
+    for (name, style), (count, total, lo, hi, first, parents) in stats.items():
+        parent = max(parents.items(), key=lambda kv: (kv[1], kv[0] is not None))[0]
+        rows.append(dict(name=name, style=style, count=count, total_ns=total, avg_ns=total / count, min_ns=lo,
+                         max_ns=hi, first_start=first, parent=parent))  # fmt: skip
+    rows.sort(key=lambda r: (r["first_start"], r["name"]))
     parents = {r["name"]: r["parent"] for r in rows}
     for r in rows:
         depth, seen, p = 0, {r["name"]}, r["parent"]
@@ -421,45 +569,81 @@ def _innermost(conn: sqlite3.Connection, table: str, at: str, tid: str = "tid") 
     )
 
 
-def _collect_gemms(export: Export) -> tuple[int, str, str]:
+def _collect_gemms(export: Export, gemm_pattern: re.Pattern | None) -> tuple[int, str, str]:
     """Temp table `g` of the GEMM kernels (by demangled name), clustered on correlationId so that one pass
-    over the launch calls finds each one's kernel. Returns (count, correlation and process columns)."""
+    over the launch calls finds each one's kernel, and `kcls` (nameId, class, dtype) of every kernel name
+    that is a GEMM or a convolution. Returns (GEMM count, correlation and process columns)."""
     conn, col = export.conn, kernel_name_column(export)
     names = conn.execute(
         f"SELECT s.id, s.value FROM StringIds AS s WHERE s.id IN (SELECT DISTINCT {col} FROM {KERNEL})"
-    )
-    conn.execute("CREATE TEMP TABLE gemm_ids (id INTEGER PRIMARY KEY)")
-    conn.executemany("INSERT INTO gemm_ids VALUES (?)", ((i,) for i, v in names if v and is_gemm(v)))
+    ).fetchall()
+    conn.execute("CREATE TEMP TABLE kcls (nameId INTEGER PRIMARY KEY, cls TEXT, dtype TEXT)")
+    rows = ((i, kernel_class(v, gemm_pattern), kernel_dtype(v)) for i, v in names if v)
+    conn.executemany("INSERT INTO kcls VALUES (?, ?, ?)", (r for r in rows if r[1] is not None))
     kcols = export.cols(KERNEL)
     pid = "k.globalPid" if "globalPid" in kcols else "NULL"
     corr = "k.correlationId" if "correlationId" in kcols else "NULL"
+    device = "k.deviceId" if "deviceId" in kcols else "NULL"
     conn.execute(
-        "CREATE TEMP TABLE g (corr INTEGER, kid INTEGER, nameId INTEGER, dur INTEGER, pid INTEGER, "
+        "CREATE TEMP TABLE g (corr INTEGER, kid INTEGER, nameId INTEGER, dur INTEGER, pid INTEGER, device INTEGER, "
         "PRIMARY KEY (corr, kid)) WITHOUT ROWID"
     )
     conn.execute(
-        f"""INSERT INTO g SELECT {corr}, k.rowid, k.{col}, k."end" - k.start, {pid}
-            FROM {KERNEL} AS k WHERE k.{col} IN (SELECT id FROM gemm_ids) ORDER BY 1, 2"""
+        f"""INSERT INTO g SELECT {corr}, k.rowid, k.{col}, k."end" - k.start, {pid}, {device}
+            FROM {KERNEL} AS k WHERE k.{col} IN (SELECT nameId FROM kcls WHERE cls = '{GEMM}') ORDER BY 1, 2"""
     )
     return conn.execute("SELECT COUNT(*) FROM g").fetchone()[0], corr, pid
 
 
-def gemm_kernels(export: Export, range_shapes: dict[str, tuple[int, int, int, int]] | None = None) -> int:
-    """Build temp table `ga`: one row per GEMM kernel with its ranges, FLOPs and minimum bytes.
+def conv_summary(export: Export) -> list[dict]:
+    """Per convolution kernel name (class "conv", built by gemm_kernels): count and total ns."""
+    col = kernel_name_column(export)
+    return _dicts(
+        export.conn.execute(
+            f"""SELECT s.value AS name, COUNT(*) AS count, SUM(k."end" - k.start) AS total_ns
+                FROM {KERNEL} AS k JOIN kcls AS c ON c.nameId = k.{col} AND c.cls = '{CONV}'
+                JOIN StringIds AS s ON s.id = k.{col} GROUP BY s.value ORDER BY total_ns DESC"""
+        )
+    )
 
-    Columns: nameId, dur, op_id, user_id, layer_id (NVTX_EVENTS rowids; names in `nv_names` and `op_sz`),
-    backward (1 when the kernel ran in a backward Function that was mapped to its forward op), flops,
-    bytes (NULL when the shape is unknown). A kernel launched inside a backward Function range
-    (`MmBackward0, seq = N`, usually on PyTorch's autograd thread where no user range is open) takes the
-    user and layer ranges of the latest forward op of the same process with `seq = N`. FLOPs come from the
-    emit_nvtx `sizes` of the enclosing op range, else from `range_shapes[user range] = (batch, M, N, K)`
-    once per range instance. Returns the GEMM count.
+
+Shape = tuple  # (batch, M, N, K, dtype or None)
+ShapeOf = "Callable[[str], Shape | None]"
+
+
+def gemm_kernels(
+    export: Export,
+    range_shapes: dict[str, tuple] | None = None,
+    *,
+    range_shape_of=None,
+    kernel_shape_of=None,
+    gemm_pattern: re.Pattern | None = None,
+) -> int:
+    """Build temp table `ga`: one row per GEMM kernel with its ranges, FLOPs and minimum elements moved.
+
+    Columns: nameId, device, dur, op_id, user_id, layer_id (NVTX_EVENTS rowids; names in
+    `nv_names` and `op_sz`), backward (1 when the kernel ran in a backward Function that was mapped to its
+    forward op), flops, elems (NULL when the shape is unknown) and dtype (the kernel name's, else the
+    shape's). A kernel launched inside a backward Function range (`MmBackward0, seq = N`, usually on
+    PyTorch's autograd thread where no user range is open) takes the user and layer ranges of the latest
+    forward op of the same process with `seq = N`.
+
+    FLOPs, first source that knows them: `kernel_shape_of(kernel name)` (every kernel of that name), the
+    emit_nvtx `sizes` of the enclosing op range, `range_shape_of(user range name)` or
+    `range_shapes[user range name]` (once per range instance, on its first GEMM kernel). A shape is
+    (batch, M, N, K) or (batch, M, N, K, dtype). Returns the GEMM count.
     """
     require_kernels(export)
     conn = export.conn
-    for t in ("gemm_ids", "g", "ga", "ga0", "op_first", "op_sz", "op_shapes", "range_shapes",
+    for t in ("gemm_ids", "kcls", "g", "ga", "ga0", "gk", "op_first", "op_sz", "op_shapes", "rname", "kshape",
               "user_first", "bwd", "bwd_map", "fwd_of", "f_seq", "nv_names", "r_user", "r_layer"):  # fmt: skip
         conn.execute(f"DROP TABLE IF EXISTS temp.{t}")
+
+    def shape_of_range(name: str):
+        found = range_shape_of(name) if range_shape_of is not None else None
+        if found is None and range_shapes:
+            found = range_shapes.get(name)
+        return found
 
     # The op ranges (the bulk: one per op call) go into a scratch database on a second connection while
     # this one collects the GEMMs and the user ranges; two cores nearly halve that phase. The scratch
@@ -481,7 +665,7 @@ def gemm_kernels(export: Export, range_shapes: dict[str, tuple[int, int, int, in
         thread = threading.Thread(target=build_op_ranges, name="nsys-op-ranges", daemon=True)
         thread.start()
         try:
-            n_gemm, corr, pid = _collect_gemms(export)
+            n_gemm, corr, pid = _collect_gemms(export, gemm_pattern)
             _build_user_ranges(export)
         finally:
             thread.join()
@@ -489,7 +673,7 @@ def gemm_kernels(export: Export, range_shapes: dict[str, tuple[int, int, int, in
             raise failure[0]
         conn.execute("ATTACH DATABASE ? AS w", (work,))  # while the helper still holds it open
         helper.close()
-        _attribute_gemms(export, corr, pid, range_shapes)
+        _attribute_gemms(export, corr, pid, shape_of_range, kernel_shape_of)
     return n_gemm
 
 
@@ -515,14 +699,12 @@ def _detach_scratch(conn: sqlite3.Connection) -> None:
         conn.execute("DETACH DATABASE w")
 
 
-def _attribute_gemms(
-    export: Export, corr: str, pid: str, range_shapes: dict[str, tuple[int, int, int, int]] | None
-) -> None:
+def _attribute_gemms(export: Export, corr: str, pid: str, shape_of_range, kernel_shape_of) -> None:
     """Temp table `ga` from `g`, the range tables (`w.r_op`, `w.r_bwd`, `r_user`, `r_layer`) and shapes."""
     conn = export.conn
     conn.execute(
         "CREATE TEMP TABLE ga0 (kid INTEGER PRIMARY KEY, nameId INTEGER, dur INTEGER, op_id INTEGER, "
-        "user_id INTEGER, layer_id INTEGER, bwd_id INTEGER)"
+        "user_id INTEGER, layer_id INTEGER, bwd_id INTEGER, device INTEGER)"
     )
     if export.has(RUNTIME, "correlationId", "globalTid", "start", "end") and corr != "NULL":
         same_process = "AND (r.globalTid >> 24) = (g.pid >> 24)" if pid != "NULL" else ""
@@ -532,10 +714,12 @@ def _attribute_gemms(
         # OR IGNORE: without globalPid, a correlationId may match launches of several processes; keep one.
         conn.execute(
             f"""INSERT OR IGNORE INTO ga0
-                SELECT g.kid, g.nameId, g.dur, {lookups}
+                SELECT g.kid, g.nameId, g.dur, {lookups}, g.device
                 FROM {RUNTIME} AS r JOIN g ON g.corr = r.correlationId {same_process}"""
         )
-    conn.execute("INSERT OR IGNORE INTO ga0 (kid, nameId, dur) SELECT kid, nameId, dur FROM g")
+    conn.execute(
+        "INSERT OR IGNORE INTO ga0 (kid, nameId, dur, device) SELECT kid, nameId, dur, device FROM g"
+    )
 
     # Backward Functions -> the forward op with the same seq in the same process that ran last before them.
     conn.execute("CREATE TEMP TABLE bwd_map (bwd_id INTEGER PRIMARY KEY, fwd_id INTEGER)")
@@ -584,7 +768,7 @@ def _attribute_gemms(
                 FROM op_first AS o JOIN {NVTX} AS e ON e.rowid = o.op_id{join}"""
         )
     conn.execute(
-        "CREATE TEMP TABLE op_shapes (op TEXT, sizes TEXT, flops REAL, bytes REAL, PRIMARY KEY (op, sizes))"
+        "CREATE TEMP TABLE op_shapes (op TEXT, sizes TEXT, flops REAL, elems REAL, PRIMARY KEY (op, sizes))"
     )
     for op, sizes_text in conn.execute(
         "SELECT DISTINCT op, sizes FROM op_sz WHERE sizes IS NOT NULL"
@@ -592,31 +776,49 @@ def _attribute_gemms(
         sizes = parse_sizes(sizes_text)
         dims = gemm_dims(op, sizes) if sizes else None
         if dims:
-            conn.execute("INSERT INTO op_shapes VALUES (?, ?, ?, ?)", (op, sizes_text, *gemm_cost(*dims)))
+            conn.execute(
+                "INSERT INTO op_shapes VALUES (?, ?, ?, ?)", (op, sizes_text, *gemm_flops_elems(*dims))
+            )
 
-    # Kernels outside any op range take the shape of their user range, once per range instance.
-    cost_joins = "LEFT JOIN op_sz AS z ON z.id = a.op_id LEFT JOIN op_shapes AS os ON os.op = z.op AND os.sizes = z.sizes"
-    if range_shapes:
-        conn.execute("CREATE TEMP TABLE range_shapes (name TEXT PRIMARY KEY, flops REAL, bytes REAL)")
-        for range_name, dims in range_shapes.items():
-            conn.execute("INSERT INTO range_shapes VALUES (?, ?, ?)", (range_name, *gemm_cost(*dims)))
-        conn.execute("CREATE TEMP TABLE user_first (id INTEGER PRIMARY KEY, first_kid INTEGER)")
+    # User ranges holding GEMMs: their label (the name without a self-describing shape) and shape, if any.
+    conn.execute(
+        "CREATE TEMP TABLE rname (name TEXT PRIMARY KEY, label TEXT, flops REAL, elems REAL, dtype TEXT)"
+    )
+    names = conn.execute(
+        "SELECT DISTINCT name FROM nv_names WHERE id IN (SELECT user_id FROM ga0) OR id IN "
+        "(SELECT layer_id FROM ga0)"
+    ).fetchall()
+    for (name,) in names:
+        shape = shape_of_range(name)
         conn.execute(
-            "INSERT INTO user_first SELECT user_id, MIN(kid) FROM ga0 "
-            "WHERE op_id IS NULL AND user_id IS NOT NULL GROUP BY user_id"
+            "INSERT OR IGNORE INTO rname VALUES (?, ?, ?, ?, ?)",
+            (name, range_label(name), *(_shape_cost(shape) if shape else (None, None, None))),
         )
-        cost_joins += (
-            " LEFT JOIN nv_names AS u ON u.id = a.user_id AND a.op_id IS NULL"
-            " LEFT JOIN range_shapes AS rs ON rs.name = u.name LEFT JOIN user_first AS uf ON uf.id = a.user_id"
-        )
+    conn.execute("CREATE TEMP TABLE user_first (id INTEGER PRIMARY KEY, first_kid INTEGER)")
+    conn.execute(
+        "INSERT INTO user_first SELECT user_id, MIN(kid) FROM ga0 WHERE user_id IS NOT NULL GROUP BY user_id"
+    )
+    conn.execute("CREATE TEMP TABLE kshape (nameId INTEGER PRIMARY KEY, flops REAL, elems REAL, dtype TEXT)")
+    if kernel_shape_of is not None:
+        for name_id, name in conn.execute(
+            "SELECT id, value FROM StringIds WHERE id IN (SELECT DISTINCT nameId FROM ga0)"
+        ).fetchall():
+            shape = kernel_shape_of(name)
+            if shape:
+                conn.execute("INSERT INTO kshape VALUES (?, ?, ?, ?)", (name_id, *_shape_cost(shape)))
+    cost_joins = (
+        "LEFT JOIN op_sz AS z ON z.id = a.op_id LEFT JOIN op_shapes AS os ON os.op = z.op AND os.sizes = z.sizes"
+        " LEFT JOIN nv_names AS u ON u.id = a.user_id LEFT JOIN rname AS rs ON rs.name = u.name"
+        " LEFT JOIN user_first AS uf ON uf.id = a.user_id LEFT JOIN kshape AS ks ON ks.nameId = a.nameId"
+        " LEFT JOIN kcls AS kc ON kc.nameId = a.nameId"
+    )
 
     def cost(col: str) -> str:
-        ranged = (
-            f" WHEN rs.{col} IS NOT NULL AND a.op_id IS NULL THEN CASE WHEN uf.first_kid = a.kid THEN rs.{col} ELSE 0 END"
-            if range_shapes
-            else ""
+        return (
+            f"CASE WHEN ks.{col} IS NOT NULL THEN ks.{col}"
+            f" WHEN os.{col} IS NOT NULL THEN CASE WHEN z.first_kid = a.kid THEN os.{col} ELSE 0 END"
+            f" WHEN rs.{col} IS NOT NULL THEN CASE WHEN uf.first_kid = a.kid THEN rs.{col} ELSE 0 END END"
         )
-        return f"CASE WHEN os.{col} IS NOT NULL THEN CASE WHEN z.first_kid = a.kid THEN os.{col} ELSE 0 END{ranged} END"
 
     mapped = conn.execute("SELECT 1 FROM bwd_map WHERE fwd_id IS NOT NULL LIMIT 1").fetchone() is not None
     if mapped:
@@ -630,41 +832,164 @@ def _attribute_gemms(
         backward_cols, backward_joins = "a.user_id, a.layer_id, 0 AS backward", ""
     conn.execute(
         f"""CREATE TEMP TABLE ga AS
-            SELECT a.nameId, a.dur, a.op_id, {backward_cols}, {cost("flops")} AS flops, {cost("bytes")} AS bytes
+            SELECT a.kid, a.nameId, a.device, a.dur, a.op_id, {backward_cols}, {cost("flops")} AS flops,
+                   {cost("elems")} AS elems, COALESCE(kc.dtype, ks.dtype, rs.dtype) AS dtype
             FROM ga0 AS a {cost_joins} {backward_joins}"""
     )
     conn.execute("DROP TABLE temp.ga0")
 
 
+def _shape_cost(shape) -> tuple[float, float, str | None]:
+    """(FLOPs, elements moved, dtype) of a (batch, M, N, K[, dtype]) shape, or summed over a list of them."""
+    shapes = shape if isinstance(shape[0], (tuple, list)) else [shape]
+    flops = elems = 0.0
+    dtype = None
+    for batch, m, n, k, *rest in shapes:
+        f, e = gemm_flops_elems(batch, m, n, k)
+        flops, elems, dtype = flops + f, elems + e, dtype or (rest[0] if rest else None)
+    return flops, elems, dtype
+
+
+def range_label(name: str) -> str:
+    """The grouping label of a range name: without a self-describing `[gemm ...]` shape; a pyprof dict
+    range as `module.op`."""
+    parsed = parse_gemm_labels(name)
+    if parsed:
+        return parsed[0]
+    if name.startswith("{"):
+        marker = parse_pyprof_marker(name)
+        if marker:
+            return f"{marker[0]}.{marker[1]}"
+    return name
+
+
 BACKWARD_SUFFIX = " (backward)"
-# grouping -> (SQL key over `ga` joined with its names, joins)
-GROUPINGS = {
-    "kernel": "k.value",
-    "range": f"COALESCE(u.name, z.op, '(no NVTX range)') || CASE WHEN ga.backward THEN '{BACKWARD_SUFFIX}' ELSE '' END",
-    "layer": "COALESCE(l.name, '(outside layers.N)')",
-}
-_GROUP_JOINS = {
-    "kernel": "JOIN StringIds AS k ON k.id = ga.nameId",
-    "range": "LEFT JOIN nv_names AS u ON u.id = ga.user_id LEFT JOIN op_sz AS z ON z.id = ga.op_id",
-    "layer": "LEFT JOIN nv_names AS l ON l.id = ga.layer_id",
-}
+GROUPINGS = ("kernel", "range", "layer", "device")
+
+
+def gemm_devices(export: Export) -> list[tuple[int | None, str | None]]:
+    """(deviceId, dtype) pairs of the GEMM kernels in `ga` (dtype None where neither name nor shape says)."""
+    return export.conn.execute("SELECT DISTINCT device, dtype FROM ga ORDER BY 1, 2").fetchall()
+
+
+def gemm_rates(export: Export, peaks: dict | None = None, default_dtype: str = "bf16") -> None:
+    """Temp table `gk` from `ga`: per GEMM kernel its grouping keys, bytes, and with `peaks`
+    {(deviceId, dtype): (peak FLOP/s or None, bandwidth B/s or None)} the time its FLOPs take at the peak
+    (`ideal_s`) and at the roofline bound max(FLOPs / peak, bytes / bandwidth) (`bound_s`). Kernels whose
+    dtype neither name nor shape gives count as `default_dtype`."""
+    conn = export.conn
+    for t in ("gk", "pk"):
+        conn.execute(f"DROP TABLE IF EXISTS temp.{t}")
+    conn.execute(
+        "CREATE TEMP TABLE pk (device INTEGER, dtype TEXT, peak REAL, bw REAL, PRIMARY KEY (device, dtype))"
+    )
+    conn.executemany(
+        "INSERT OR REPLACE INTO pk VALUES (?, ?, ?, ?)",
+        ((-1 if d is None else d, t, p, b) for (d, t), (p, b) in (peaks or {}).items()),
+    )
+    bpe = "CASE y.dt " + " ".join(f"WHEN '{t}' THEN {n}" for t, n in BYTES_PER_ELEMENT.items()) + " END"
+    conn.execute(
+        f"""CREATE TEMP TABLE gk AS
+            WITH y AS (
+                SELECT ga.nameId, ga.dur, COALESCE(ga.device, -1) AS device, ga.flops, ga.elems,
+                       COALESCE(ga.dtype, '{default_dtype}') AS dt, ga.nameId AS k_kernel,
+                       COALESCE(rn.label, z.op, '(no NVTX range)')
+                           || CASE WHEN ga.backward THEN '{BACKWARD_SUFFIX}' ELSE '' END AS k_range,
+                       COALESCE(ln.label, '(outside layers.N)') AS k_layer, COALESCE(ga.device, -1) AS k_device
+                FROM ga
+                     LEFT JOIN nv_names AS u ON u.id = ga.user_id LEFT JOIN rname AS rn ON rn.name = u.name
+                     LEFT JOIN op_sz AS z ON z.id = ga.op_id
+                     LEFT JOIN nv_names AS l ON l.id = ga.layer_id LEFT JOIN rname AS ln ON ln.name = l.name),
+            x AS (SELECT y.*, y.elems * ({bpe}) AS bytes FROM y)
+            SELECT x.*, x.flops / pk.peak AS ideal_s, MAX(x.flops / pk.peak, x.bytes / pk.bw) AS bound_s
+            FROM x LEFT JOIN pk ON pk.device = x.device AND pk.dtype = x.dt"""
+    )
+
+
+MEDIAN_GROUPINGS = ("kernel", "range")
+"""Groupings that get a median duration (one sort of all GEMM kernels each: not worth it per layer/device)."""
 
 
 def gemm_groups(export: Export, by: str) -> list[dict]:
-    """Grouped rows of the `ga` table built by gemm_kernels: count, time, and FLOPs/bytes where known."""
-    key = GROUPINGS[by]
-    if by == "kernel":  # aggregate on integer ids first, then name them
-        sql = """SELECT k.value AS name, SUM(c) AS count, SUM(t) AS total_ns, SUM(f) AS flops, SUM(b) AS bytes,
-                        SUM(s) AS shaped_ns
-                 FROM (SELECT nameId, COUNT(*) AS c, SUM(dur) AS t, SUM(flops) AS f, SUM(bytes) AS b,
-                              SUM(CASE WHEN flops IS NOT NULL THEN dur END) AS s FROM ga GROUP BY nameId) AS g
-                      JOIN StringIds AS k ON k.id = g.nameId
-                 GROUP BY k.value ORDER BY total_ns DESC, name"""
-    else:
-        sql = f"""SELECT {key} AS name, COUNT(*) AS count, SUM(dur) AS total_ns, SUM(flops) AS flops,
-                         SUM(bytes) AS bytes, SUM(CASE WHEN flops IS NOT NULL THEN dur END) AS shaped_ns
-                  FROM ga {_GROUP_JOINS[by]} GROUP BY 1 ORDER BY total_ns DESC, name"""
-    return _dicts(export.conn.execute(sql))
+    """Grouped rows of the `gk` table (built by gemm_rates; without peaks when it was not called).
+
+    Per group: count, total/min/max/median ns, FLOPs and bytes (over the kernels with a known shape), the
+    time those took (`shaped_ns`), the time at peak (`ideal_ns`) and at the roofline bound (`bound_ns`),
+    the dtypes and devices, and for kernel names the most common launch configuration (`launch`, with the
+    number of distinct ones in `launches`).
+    """
+    assert by in GROUPINGS, by
+    conn = export.conn
+    if not conn.execute("SELECT 1 FROM sqlite_temp_master WHERE name = 'gk'").fetchone():
+        gemm_rates(export)
+    key = f"k_{by}"
+    rows = _dicts(
+        conn.execute(
+            f"""SELECT {key} AS name, COUNT(*) AS count, SUM(dur) AS total_ns, MIN(dur) AS min_ns, MAX(dur) AS max_ns,
+                       SUM(flops) AS flops, SUM(bytes) AS bytes, SUM(CASE WHEN flops IS NOT NULL THEN dur END) AS shaped_ns,
+                       SUM(ideal_s) * 1e9 AS ideal_ns, SUM(bound_s) * 1e9 AS bound_ns, COUNT(ideal_s) AS n_ideal,
+                       COUNT(bound_s) AS n_bound, COUNT(flops) AS n_shaped, GROUP_CONCAT(DISTINCT dt) AS dtypes,
+                       GROUP_CONCAT(DISTINCT device) AS devices
+                FROM gk GROUP BY 1 ORDER BY total_ns DESC"""
+        )
+    )
+    medians = _medians(conn, key) if by in MEDIAN_GROUPINGS else {}
+    names = {}
+    if by == "kernel":  # grouped on the name ids: the names are long, read them once per group
+        names = dict(
+            conn.execute("SELECT id, value FROM StringIds WHERE id IN (SELECT DISTINCT k_kernel FROM gk)")
+        )
+    for r in rows:
+        r["median_ns"] = medians.get(r["name"])
+        r["name"] = names.get(r["name"], r["name"])
+        # A group is judged against the peak only when every shaped kernel in it has one.
+        if r["n_ideal"] != r["n_shaped"]:
+            r["ideal_ns"] = None
+        if r["n_bound"] != r["n_shaped"]:
+            r["bound_ns"] = None
+        for k in ("n_ideal", "n_bound", "n_shaped"):
+            r.pop(k)
+    rows.sort(key=lambda r: (-r["total_ns"], str(r["name"])))
+    if by == "kernel":
+        launches = kernel_launches(export)
+        for r in rows:
+            configs = launches.get(r["name"], {})
+            r["launch"] = min(configs, key=lambda x: (-configs[x], x)) if configs else None
+            r["launches"] = len(configs)
+    return rows
+
+
+def kernel_launches(export: Export) -> dict[str, dict[str, int]]:
+    """Per GEMM kernel name: {`gridX x gridY x gridZ / blockX x blockY x blockZ`: launches}, from the
+    kernel table grouped on its integer columns."""
+    col, kcols = kernel_name_column(export), export.cols(KERNEL)
+    dims = [
+        f"k.{c}" if c in kcols else "1" for c in ("gridX", "gridY", "gridZ", "blockX", "blockY", "blockZ")
+    ]
+    out: dict[str, dict[str, int]] = {}
+    columns = ", ".join(f"{d} AS d{i}" for i, d in enumerate(dims))
+    for name, gx, gy, gz, bx, by, bz, n in export.conn.execute(
+        f"""SELECT s.value, c.d0, c.d1, c.d2, c.d3, c.d4, c.d5, c.n
+            FROM (SELECT k.{col} AS nameId, {columns}, COUNT(*) AS n FROM {KERNEL} AS k
+                  WHERE k.{col} IN (SELECT nameId FROM kcls WHERE cls = '{GEMM}') GROUP BY 1, 2, 3, 4, 5, 6, 7) AS c
+                 JOIN StringIds AS s ON s.id = c.nameId"""
+    ):
+        launch = f"{gx}x{gy}x{gz} / {bx}x{by}x{bz}"
+        configs = out.setdefault(name, {})
+        configs[launch] = configs.get(launch, 0) + n
+    return out
+
+
+def _medians(conn: sqlite3.Connection, key: str) -> dict:
+    """Median kernel duration per group (the mean of the two middle ones for an even count), in one sorted pass."""
+    out = {}
+    for name, group in itertools.groupby(
+        conn.execute(f"SELECT {key}, dur FROM gk ORDER BY 1, 2"), key=lambda r: r[0]
+    ):
+        durs = [d for _, d in group]
+        mid = len(durs) // 2
+        out[name] = float(durs[mid]) if len(durs) % 2 else (durs[mid - 1] + durs[mid]) / 2
+    return out
 
 
 def _dicts(cursor: sqlite3.Cursor) -> list[dict]:

@@ -20,6 +20,7 @@ from lmtrain.model import (
     clean_state_dict_keys,
     model_args_from_config,
 )
+from lmtrain.nvtx import parse_gemm_label
 
 
 def tiny_args(**overrides) -> TransformerModelArgs:
@@ -264,7 +265,13 @@ def test_nvtx_ranges_name_every_matmul(monkeypatch, mlp):
         else ["FeedForward/w1", "FeedForward/w2"]
     )
     per_layer = ["Attention/wq", "Attention/wk", "Attention/wv", "Attention/sdpa", "Attention/wo", *ffn]
-    assert opened == ["layers.0", *per_layer, "layers.1", *per_layer]
+    labels = [parse_gemm_label(t) or (t, None) for t in opened]
+    assert [name for name, _ in labels] == ["layers.0", *per_layer, "layers.1", *per_layer]
+    # Each GEMM range carries its shape: the linears have M = 1 x 8 tokens and dtype fp32 here.
+    shapes = {name: shape for name, shape in labels if shape is not None}
+    assert set(shapes) == set(per_layer)
+    assert shapes["FeedForward/w1"][:2] == (1, 8) and shapes["FeedForward/w1"][4] == "fp32"
+    assert shapes["Attention/sdpa"][1:3] == (8, 8)  # T x S
 
 
 @pytest.mark.slow

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from lmtrain.nvtx import parse_gemm_labels
 from lmtrain.tools import nsys_gemm_report as report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,6 +95,17 @@ def test_profiling_hooks_under_nsys(tmp_path):
     by_name = check_ranges(sqlite, tmp_path, steps=3)
     # two layers, three steps: each FFN range once per layer per step
     assert by_name["FeedForward/w2"]["count"] == 2 * 3
+    # The model's GEMM ranges describe themselves in the real capture (lmtrain.nvtx.gemm_label).
+    with sqlite3.connect(sqlite) as conn:
+        texts = [t for (t,) in conn.execute(
+            "SELECT COALESCE(e.text, s.value) FROM NVTX_EVENTS AS e LEFT JOIN StringIds AS s ON s.id = e.textId")]  # fmt: skip
+    parsed = [parse_gemm_labels(t) for t in texts if t and " [gemm " in t]
+    shapes = {name: groups[0] for name, groups in parsed if len(groups) == 1}
+    assert {"Attention/wq", "Attention/sdpa", "FeedForward/w1", "FeedForward/w2"} <= set(shapes), shapes
+    # Backward (on this CPU: the main thread) opens each linear's range with its dgrad and wgrad shapes.
+    backward = {name: groups for name, groups in parsed if len(groups) == 2}
+    assert {"FeedForward/w1 (backward)", "Attention/wo (backward)"} <= set(backward), backward
+    assert all(min(shape[:4]) >= 1 and shape[4] for shape in shapes.values())
 
 
 def write_corpus(out: Path) -> Path:
@@ -126,7 +139,7 @@ def train_args(corpus: Path, out: Path, steps: int, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_trainer_under_nsys(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
-    argv = train_args(corpus, tmp_path / "run", 3, "--lmtrain.nvtx=true")
+    argv = train_args(corpus, tmp_path / "run", 3, "--profiling.nvtx=true")
     sqlite = capture(tmp_path, [sys.executable, "-m", "lmtrain.train", *argv])
     by_name = check_ranges(sqlite, tmp_path, steps=3)
     # the model's ranges also appear in the final evaluation, outside any step
