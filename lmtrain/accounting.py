@@ -209,13 +209,23 @@ def _csv(kind):
     return parse
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Shows a flag's default after its help, unless there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmtrain params",
         description="Exact parameter count, training FLOPs per token (per matmul and per part), training "
         "memory per GPU, the largest batch that fits a device, AdamW FLOPs and the wall-clock time of a "
         "run. Give --presets or --sweep-seq for one table across model sizes or context lengths.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
         allow_abbrev=False,
     )
     parser.add_argument("--preset", default="llama3-8b", help=f"one of: {', '.join(PRESETS)}")
@@ -258,8 +268,11 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--calibrate", action="store_true",
                    help="measure the peak memory of real CPU training steps of small models (single process "
                    "and 2-rank gloo DDP/FSDP) against the estimate, and print the table (about a minute)")  # fmt: skip
+    overrides = parser.add_argument_group("model fields (override the preset)")
     for f in _OVERRIDES:
-        parser.add_argument("--" + f.name.replace("_", "-"), help="override the preset", **_override_type(f))
+        overrides.add_argument(
+            "--" + f.name.replace("_", "-"), help="override the preset", **_override_type(f)
+        )
     return parser
 
 

@@ -11,6 +11,7 @@ API (pure functions: no memory is allocated, the model is counted on the meta de
     est.peak             # bytes of live tensors at the step's peak (what calibration measures)
     est.terms()          # [(name, bytes, note)] in display order, for tables
     largest_batch(args, device_memory_bytes("gh200"), seq_len=2048, ...)  # 0 when nothing fits
+    estimate_for_config(train_config, world_size=4, vocab_size=131072)     # as `lmtrain train` runs it
 
 `args` is a `TransformerModelArgs` (`model_args_from_config(cfg.model, ...)` builds it from a config).
 `precision`: "fp32" | "bf16" | "fp16" (weights, gradients and AdamW moments in that dtype, no autocast)
@@ -24,8 +25,10 @@ of SDPA with k and v repeated to all heads, the feed-forward's hidden tensors), 
 of `lmtrain.losses` (its fp32 weight gradient and the input gradient held from forward to backward,
 one `loss_chunk x vocab` block of logits at a time), and torch's AdamW (foreach keeps one temporary
 per parameter; fused keeps none). The peak is the largest of four moments of the step: the end of
-forward, the start of backward (the head's gradients join every saved activation), the first
-feed-forward backward, and the optimizer step (all gradients plus the optimizer's temporaries).
+forward (the loss's held gradients and logits chunks on top of every saved activation), the loss's
+backward, the final norm's backward (the first gradients join every saved activation), and the
+optimizer step (all gradients plus the optimizer's temporaries). Not modelled: document masking's
+(B, 1, T, T) mask, activation checkpointing, torch.compile's fusions (they only lower the peak).
 
 `measure_training_peak` measures the same quantity on CPU (the profiler's allocation events give the
 live bytes of the CPU allocator), for one process or gloo DDP/FSDP ranks; `calibration_table` compares
@@ -205,11 +208,7 @@ class MemoryEstimate:
         ]
         if self.strategy == "ddp":
             rows.append(
-                (
-                    "DDP buckets",
-                    self.ddp_buckets,
-                    "0: gradient_as_bucket_view" if not self.ddp_buckets else "",
-                )
+                ("DDP buckets", self.ddp_buckets, "the gradients live here" if not self.gradients else "")
             )
         if self.strategy == "fsdp":
             rows.append(("FSDP unsharded params", self.fsdp_unsharded, "root + 2 blocks gathered"))
@@ -374,6 +373,32 @@ def estimate_training_memory(
         est.nccl_buffers = GPU_ONLY_ESTIMATES["nccl_buffers"] if world_size > 1 else 0
         est.fragmentation = int(GPU_ONLY_ESTIMATES["fragmentation_fraction"] * est.peak)
     return est
+
+
+def estimate_for_config(cfg, *, world_size: int = 1, vocab_size: int | None = None, device: str = "cuda"):
+    """The estimate for a `TrainConfig` as `lmtrain train` would run it on `world_size` processes:
+    its model, micro-batch, sequence length, precision, strategy, loss chunk and optimizer."""
+    from lmtrain.model import model_args_from_config
+
+    vocab = cfg.model.vocab_size or vocab_size
+    if vocab is None:
+        raise UserError(
+            "the memory estimate needs the vocabulary size: set model.vocab_size or pass vocab_size"
+        )
+    seq_len = cfg.data.sequence_length
+    args = model_args_from_config(cfg.model, vocab_size=vocab, seq_len=cfg.model.seq_len or seq_len)
+    precision = f"amp-{cfg.precision.amp}" if cfg.precision.amp != "none" else cfg.precision.model_dtype
+    return estimate_training_memory(
+        args,
+        batch_size=cfg.data.batch_size,
+        seq_len=seq_len,
+        precision=precision,
+        strategy=cfg.distributed.strategy if world_size > 1 else "single",
+        world_size=world_size,
+        loss_chunk=cfg.training.loss_chunk,
+        fused_optimizer=cfg.optim.fused,
+        device=device,
+    )
 
 
 def largest_batch(args: TransformerModelArgs, memory_bytes: int, *, limit: int = 1 << 16, **kwargs) -> int:
