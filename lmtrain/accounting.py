@@ -318,12 +318,12 @@ def _render(tables: list[Table], lines: list[str], markdown: bool) -> None:
     from rich.table import Table as RichTable
 
     # Pipes and CI logs get a fixed width instead of rich's 80 columns, so no cell is truncated.
-    console = Console(width=None if sys.stdout.isatty() else 140)
+    console = Console(width=None if sys.stdout.isatty() else 200)
     for table in tables:
         rt = RichTable(title=table.title, caption=table.caption or None)
         for i, header in enumerate(table.headers):
             text = i == 0 or header in _TEXT_COLUMNS
-            rt.add_column(header, justify="left" if text else "right", no_wrap=True)
+            rt.add_column(header, justify="left" if text else "right", no_wrap=i == 0)
         for i, row in enumerate(table.rows):
             last = table.bold_last and i == len(table.rows) - 1
             if last:
@@ -527,11 +527,16 @@ def _sweep_table(reports: list[tuple[str, dict]], opts, varying: str) -> Table:
                _fmt_bytes(r["memory"]["total_bytes"])]  # fmt: skip
         if "largest_batch" in r:
             row.append(str(r["largest_batch"]))
+        if "time" in r:
+            row.append(_fmt_duration(r["time"]["seconds"]))
         rows.append(row)
     headers = [varying, "params", "GFLOP/token", "attention", "of which T^2", "feed-forward", "head",
                f"memory (B={opts.batch_size})"]  # fmt: skip
     if reports and "largest_batch" in reports[0][1]:
         headers.append("largest batch")
+    if reports and "time" in reports[0][1]:
+        t = reports[0][1]["time"]
+        headers.append(f"time ({t['gpus']} GPU, {100 * t['mfu']:.0f}% MFU)")
     seq = f"T={opts.seq_len}" if varying != "seq_len" else "across T"
     return Table(
         f"training FLOPs per token by part, {seq}; memory per GPU {opts.precision} {opts.strategy}",
@@ -542,7 +547,9 @@ def _sweep_table(reports: list[tuple[str, dict]], opts, varying: str) -> Table:
 
 
 def _calibration(markdown: bool, as_json: bool) -> int:
-    rows = calibration_table(calibration_cases())
+    rows = calibration_table(
+        calibration_cases(), progress=lambda text: print(text, file=sys.stderr, flush=True)
+    )
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -529,9 +529,11 @@ def _distributed_worker(rank: int, cases: list[CalibrationCase], port: int, out:
     dist.destroy_process_group()
 
 
-def measure_training_peak(cases: list[CalibrationCase]) -> list[int]:
+def measure_training_peak(cases: list[CalibrationCase], progress=None) -> list[int]:
     """Measured peak bytes per process of each case (the largest over ranks for DDP/FSDP, whose
-    ranks are real gloo processes on this host, spawned once per world size)."""
+    ranks are real gloo processes on this host, spawned once per world size). `progress(text)` is
+    called before each measurement."""
+    say = progress or (lambda text: None)
     import socket
     import tempfile
 
@@ -540,9 +542,11 @@ def measure_training_peak(cases: list[CalibrationCase]) -> list[int]:
     peaks: dict[int, int] = {}
     for i, case in enumerate(cases):
         if case.world_size == 1:
+            say(f"measuring {i + 1}/{len(cases)}: {case.label()}")
             peaks[i] = peak_allocated_bytes(functools.partial(_train_steps, case))
     for world in sorted({c.world_size for c in cases if c.world_size > 1}):
         index = [i for i, c in enumerate(cases) if c.world_size == world]
+        say(f"measuring {len(index)} configurations on {world} gloo processes")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -556,20 +560,19 @@ def measure_training_peak(cases: list[CalibrationCase]) -> list[int]:
     return [peaks[i] for i in range(len(cases))]
 
 
-def calibration_cases(quick: bool = False) -> list[CalibrationCase]:
+def calibration_cases() -> list[CalibrationCase]:
     """Small models across batch, sequence, precision, loss chunk, optimizer and strategy."""
     llama = TransformerModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
                                  multiple_of=64, ffn_dim_multiplier=None, seq_len=256)  # fmt: skip
     gpt = dataclasses.replace(llama, norm="layernorm", mlp="gelu", pos="learned", n_kv_heads=4)
-    cases = [
+    wide = dataclasses.replace(llama, dim=256, n_layers=4, n_heads=8, vocab_size=2048, multiple_of=256)
+    return [
         CalibrationCase(llama, 4, 128, "fp32"),
         CalibrationCase(llama, 8, 256, "bf16"),
         CalibrationCase(llama, 4, 128, "amp-bf16"),
         CalibrationCase(gpt, 4, 256, "fp32", fused_optimizer=True),
-    ]
-    if quick:
-        return cases
-    return cases + [
+        CalibrationCase(wide, 2, 256, "bf16"),
+        CalibrationCase(wide, 4, 256, "amp-bf16", fused_optimizer=True),
         CalibrationCase(llama, 1, 64, "fp32"),
         CalibrationCase(llama, 16, 256, "fp32", loss_chunk=128),
         CalibrationCase(llama, 4, 128, "fp32", loss_chunk=0),
@@ -583,9 +586,9 @@ def calibration_cases(quick: bool = False) -> list[CalibrationCase]:
     ]
 
 
-def calibration_table(cases: list[CalibrationCase]) -> list[dict]:
+def calibration_table(cases: list[CalibrationCase], progress=None) -> list[dict]:
     """[{config, measured, estimated, error}] with error = estimated / measured - 1."""
-    measured = measure_training_peak(cases)
+    measured = measure_training_peak(cases, progress)
     rows = []
     for case, peak in zip(cases, measured):
         est = case.estimate()

@@ -221,3 +221,26 @@ def test_cli_bad_list_is_an_argparse_error(capsys):
         main(["--sweep-seq", "1024,four"])
     assert exit_info.value.code == 2
     assert "comma-separated list" in capsys.readouterr().err
+
+
+def test_cli_calibrate_measures_and_prints_the_table(capsys, monkeypatch):
+    import lmtrain.accounting as accounting
+    from lmtrain.memory import CalibrationCase
+
+    small = TransformerModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64, multiple_of=32,
+                                 ffn_dim_multiplier=None, seq_len=32)  # fmt: skip
+    monkeypatch.setattr(accounting, "calibration_cases", lambda: [CalibrationCase(small, 2, 32, "fp32")])
+    assert main(["--calibrate", "--json"]) == 0
+    captured = capsys.readouterr()
+    (row,) = json.loads(captured.out)
+    assert row["measured"] > 0 and abs(row["error"]) <= 0.15
+    assert "measuring 1/1" in captured.err
+
+
+def test_cli_sweep_with_a_time_column(capsys):
+    assert (
+        main(["--presets", "gpt2-small,gpt2-medium", "--tokens", "1e9", "--device", "h100", "--mfu", "0.5"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "time (1 GPU, 50% MFU)" in out and "largest batch" in out
