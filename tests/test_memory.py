@@ -131,7 +131,11 @@ def test_calibration_single_process_within_15_percent():
 
 @pytest.mark.slow
 def test_calibration_gloo_ddp_and_fsdp_within_15_percent():
-    _assert_within(calibration_table([c for c in calibration_cases() if c.world_size > 1]))
+    # One DDP case and the FSDP cases dominated by activations and by the sharded states.
+    distributed = [c for c in calibration_cases() if c.world_size > 1]
+    ddp = [c for c in distributed if c.strategy == "ddp"]
+    fsdp = [c for c in distributed if c.strategy == "fsdp"]
+    _assert_within(calibration_table([ddp[-1], fsdp[0], fsdp[1]]))
 
 
 def test_estimate_for_a_train_config_reads_its_sections():
