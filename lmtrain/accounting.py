@@ -2,7 +2,7 @@
 
 lmtrain params --preset llama3-8b --vocab-size 131072 --seq-len 2048 --device gh200
 lmtrain params --presets gpt2-small,gpt2-medium,gpt2-large,gpt2-xl,llama3-8b --seq-len 2048
-lmtrain params --preset llama3-8b --sweep-seq 1024,4096,16384
+lmtrain params --preset llama3-8b --sweep-seq 1024,4096,16384 --plot shares.png
 lmtrain params --preset llama3-8b --strategy fsdp --gpus 4 --batch-size 2 --memory-gib 80
 lmtrain params --preset gpt2-small --steps 400000 --batch-size 1024 --seq-len 1024 --device h100 --mfu 0.5
 lmtrain params --preset tiny --vocab-size 256 --norm layernorm --mlp gelu --markdown
@@ -265,6 +265,11 @@ def _parser() -> argparse.ArgumentParser:
     o = parser.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     o.add_argument("--markdown", action="store_true", help="print markdown tables instead of rich ones")
+    o.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="with --presets or --sweep-seq: also draw the FLOPs shares as stacked bars",
+    )
     o.add_argument("--calibrate", action="store_true",
                    help="measure the peak memory of real CPU training steps of small models (single process "
                    "and 2-rank gloo DDP/FSDP) against the estimate, and print the table (about a minute)")  # fmt: skip
@@ -402,6 +407,10 @@ def _check(opts) -> None:
     for seq in opts.sweep_seq or []:
         if seq < 1:
             raise UserError(f"--sweep-seq values must be positive integers, got {seq}")
+    if opts.plot and not (opts.presets or opts.sweep_seq):
+        raise UserError("--plot draws the table of --presets or --sweep-seq; give one of them")
+    if opts.plot and not opts.plot.lower().endswith(".png"):
+        raise UserError(f"--plot writes a PNG file; give a path ending in .png, got {opts.plot!r}")
     if opts.presets and opts.sweep_seq:
         raise UserError("give either --presets or --sweep-seq: one table varies one thing")
 
@@ -546,6 +555,46 @@ def _sweep_table(reports: list[tuple[str, dict]], opts, varying: str) -> Table:
     )  # fmt: skip
 
 
+def plot_flops_shares(reports: list[tuple[str, dict]], path: str, title: str) -> None:
+    """Stacked bars of each row's training FLOPs per token: attention projections, the T^2 part of
+    attention, feed-forward and head, as shares, with GFLOP/token above each bar; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lmtrain.atomic import atomic_savefig
+
+    labels = [label for label, _ in reports]
+    segments = {
+        "attention projections": [],
+        "attention T^2 (scores, values)": [],
+        "feed-forward": [],
+        "head": [],
+    }
+    for _, r in reports:
+        m, total = r["flops_per_token"]["matmuls"], r["flops_per_token"]["total"]
+        quadratic = m["scores (QK^T)"] + m["values (AV)"]
+        segments["attention projections"].append((m["wq"] + m["wk"] + m["wv"] + m["wo"]) / total)
+        segments["attention T^2 (scores, values)"].append(quadratic / total)
+        segments["feed-forward"].append((m["w1"] + m["w2"] + m["w3"]) / total)
+        segments["head"].append(m["head"] / total)
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(labels) + 4), 4.5))
+    bottom = [0.0] * len(labels)
+    for name, shares in segments.items():
+        ax.bar(labels, shares, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, shares)]
+    for i, (_, r) in enumerate(reports):
+        ax.text(i, 1.01, f"{r['flops_per_token']['total'] / 1e9:.1f} GF", ha="center", fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("share of training FLOPs per token")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, not over them
+    fig.tight_layout()
+    atomic_savefig(fig, path, dpi=110)
+    plt.close(fig)
+
+
 def _calibration(markdown: bool, as_json: bool) -> int:
     rows = calibration_table(
         calibration_cases(), progress=lambda text: print(text, file=sys.stderr, flush=True)
@@ -590,6 +639,9 @@ def main(argv: list[str]) -> int:
             runs = [(f"T={t}", args, t) for t in opts.sweep_seq]
             varying = "seq_len"
         reports = [(label, model_report(args, opts, seq)) for label, args, seq in runs]
+        if opts.plot:
+            where = f"T={opts.seq_len}" if varying == "preset" else opts.preset
+            plot_flops_shares(reports, opts.plot, f"training FLOPs per token by part ({where})")
         if opts.json:
             print(json.dumps({label: r for label, r in reports}, indent=2))
         else:

@@ -209,6 +209,8 @@ def test_cli_bad_vocab_size():
         (["--loss-chunk", "-1"], "--loss-chunk must be >= 0"),
         (["--memory-gib", "0"], "--memory-gib must be > 0"),
         (["--presets", "tiny", "--sweep-seq", "128"], "either --presets or --sweep-seq"),
+        (["--plot", "x.png"], "--plot draws the table of --presets or --sweep-seq"),
+        (["--sweep-seq", "128", "--plot", "x.pdf"], "ending in .png"),
     ],
 )
 def test_cli_bad_flags(argv, message):
@@ -244,3 +246,13 @@ def test_cli_sweep_with_a_time_column(capsys):
     )
     out = capsys.readouterr().out
     assert "time (1 GPU, 50% MFU)" in out and "largest batch" in out
+
+
+def test_cli_plot_of_the_shares_across_context_lengths(tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "plots" / "shares.png"
+    assert main(["--preset", "gpt2-small", "--sweep-seq", "1024,16384", "--plot", str(out)]) == 0
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size[0] > 300
+    assert "T=16384" in capsys.readouterr().out
