@@ -518,6 +518,19 @@ def _summary_lines(report: dict) -> list[str]:
         verdict = "fits" if report["fits"] else "does NOT fit"
         lines.append(f"batch {mem['batch_size']} {verdict} in {_fmt_bytes(memory)}; largest batch that fits: "
                      f"{report['largest_batch']} x {mem['seq_len']} tokens per GPU")  # fmt: skip
+        best = report["largest_batch"]
+        if not report["fits"] and best:
+            steps = -(-mem["batch_size"] // best)
+            lines.append(f"  the same batch fits as {steps} accumulated micro-batches of at most {best} "
+                         f"(--training.grad_accumulation_steps {steps})")  # fmt: skip
+        elif not best:
+            acts = sum(v for k, v in mem["terms"].items() if k.startswith("activations"))
+            if acts > memory:
+                lines.append(f"  not even one sequence fits: its activations alone take {_fmt_bytes(acts)}, "
+                             "which no data-parallel sharding divides; shorten the sequence")  # fmt: skip
+            else:
+                lines.append("  not even one sequence fits: shard the weights, gradients and AdamW moments with "
+                             "--strategy fsdp --gpus N")  # fmt: skip
     if "time" in report:
         t = report["time"]
         lines.append(f"{t['tokens']:.3g} tokens on {t['gpus']} GPU(s) at {100 * t['mfu']:.0f}% MFU of "

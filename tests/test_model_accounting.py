@@ -256,3 +256,16 @@ def test_cli_plot_of_the_shares_across_context_lengths(tmp_path, capsys):
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size[0] > 300
     assert "T=16384" in capsys.readouterr().out
+
+
+def test_cli_says_how_a_batch_that_does_not_fit_would(capsys):
+    assert (
+        main(["--preset", "gpt2-small", "--batch-size", "1024", "--seq-len", "1024", "--memory-gib", "80"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "batch 1024 does NOT fit" in out and "accumulated micro-batches" in out
+    assert main(["--preset", "llama3-8b", "--seq-len", "16384", "--device", "gh200"]) == 0
+    assert "activations alone take" in capsys.readouterr().out
+    assert main(["--preset", "llama3-8b", "--seq-len", "2048", "--memory-gib", "40"]) == 0
+    assert "--strategy fsdp" in capsys.readouterr().out
