@@ -239,12 +239,16 @@ def test_cli_calibrate_measures_and_prints_the_table(capsys, monkeypatch):
     assert "measuring 1/1" in captured.err
 
 
+def run(capsys, *argv: str) -> str:
+    """stdout of `lmtrain params ARGV`, which must succeed."""
+    assert main(list(argv)) == 0
+    return capsys.readouterr().out
+
+
 def test_cli_sweep_with_a_time_column(capsys):
-    assert (
-        main(["--presets", "gpt2-small,gpt2-medium", "--tokens", "1e9", "--device", "h100", "--mfu", "0.5"])
-        == 0
+    out = run(
+        capsys, "--presets", "gpt2-small,gpt2-medium", "--tokens", "1e9", "--device", "h100", "--mfu", "0.5"
     )
-    out = capsys.readouterr().out
     assert "time (1 GPU, 50% MFU)" in out and "largest batch" in out
 
 
@@ -259,13 +263,13 @@ def test_cli_plot_of_the_shares_across_context_lengths(tmp_path, capsys):
 
 
 def test_cli_says_how_a_batch_that_does_not_fit_would(capsys):
-    assert (
-        main(["--preset", "gpt2-small", "--batch-size", "1024", "--seq-len", "1024", "--memory-gib", "80"])
-        == 0
+    out = run(
+        capsys, "--preset", "gpt2-small", "--batch-size", "1024", "--seq-len", "1024", "--memory-gib", "80"
     )
-    out = capsys.readouterr().out
     assert "batch 1024 does NOT fit" in out and "accumulated micro-batches" in out
-    assert main(["--preset", "llama3-8b", "--seq-len", "16384", "--device", "gh200"]) == 0
-    assert "activations alone take" in capsys.readouterr().out
-    assert main(["--preset", "llama3-8b", "--seq-len", "2048", "--memory-gib", "40"]) == 0
-    assert "--strategy fsdp" in capsys.readouterr().out
+    assert "activations alone take" in run(
+        capsys, "--preset", "llama3-8b", "--seq-len", "16384", "--device", "gh200"
+    )
+    assert "--strategy fsdp" in run(
+        capsys, "--preset", "llama3-8b", "--seq-len", "2048", "--memory-gib", "40"
+    )
