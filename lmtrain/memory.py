@@ -93,8 +93,16 @@ def meta_parameter_sizes(args_items: tuple) -> tuple[tuple[str, int], ...]:
     """(name, numel) of every parameter of a model built on the meta device: no memory, exact.
     `args_items` is `tuple(dataclasses.asdict(args).items())`, hashable for the cache."""
     with torch.device("meta"):
-        model = Transformer(TransformerModelArgs(**dict(args_items)))
+        model = _Uninitialised(TransformerModelArgs(**dict(args_items)))
     return tuple((name, p.numel()) for name, p in model.named_parameters())
+
+
+class _Uninitialised(Transformer):
+    """The model's exact parameters without its initialisation: normal_() on the meta device goes
+    through a slow reference implementation (seconds for 8B) and changes no shape."""
+
+    def init_weights(self) -> None:
+        pass
 
 
 @dataclass(frozen=True)
