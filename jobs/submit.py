@@ -15,6 +15,7 @@ submits nothing, prints the script, EDF, command and a summary, and checks what 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import itertools
 import json
@@ -36,6 +37,7 @@ from jobs.spec import (
     ClusterProfile,
     Experiment,
     JobPlan,
+    choose_strategy,
     estimated_tokens,
     load_cluster,
     load_experiment,
@@ -59,6 +61,7 @@ class PreparedRun:
     sbatch: str
     warnings: list[str]
     writable: bool  # False when the output root has unresolved $VARS (dry run away from the cluster)
+    strategy_note: str | None = None  # why a multi-GPU job runs DDP or FSDP
 
 
 def slurm_problem() -> str | None:
@@ -141,7 +144,7 @@ def prepare(
                 if (REPO_DIR / src).exists() or not (Path(cwd) / src).exists()
                 else Path(cwd) / src
             )
-        warnings += edfmod.check_edf(src)
+        warnings += edfmod.check_edf(src, variables={**environ, **cluster.variables()})
         edf_src = str(src)
     mount_dir = shared_dir or run_dir
     edf_path = f"{mount_dir}/env.toml" if edf_src else None
@@ -152,15 +155,30 @@ def prepare(
     if cluster.account_required and not plan.account:
         warnings.append(str(_account_hint(cluster)))
     if edf_src:
-        edf_data = edfmod.render_edf(edfmod.read_edf(edf_src), mount_dir, workdir, dict(plan.env))
+        edf_data = edfmod.render_edf(
+            edfmod.read_edf(edf_src), mount_dir, workdir, dict(plan.env), cluster.variables()
+        )
         warnings += edfmod.environment_path_warnings(edf_path or "")
-    train = resolved_train_config(exp, run_dir, cwd)
+    train = resolved_train_config(exp, run_dir, cwd, cluster)
+    strategy_note = None
+    choice = choose_strategy(train, cluster, plan.world_size)
+    if choice is not None:
+        strategy, why = choice
+        if "distributed.strategy" in exp.set_keys:
+            strategy_note = f"{train.distributed.strategy} (set by the experiment; {why})"
+        else:
+            train = dataclasses.replace(
+                train, distributed=dataclasses.replace(train.distributed, strategy=strategy)
+            )
+            strategy_note = f"{strategy} (chosen: {why})"
     warnings += list(plan.warnings)
     problems = _dataset_problems(train, edf_data)
     if problems and not dry_run:
         raise UserError("; ".join(problems))
     warnings += problems
-    return PreparedRun(exp, cluster, plan, train, edf_data, edf_src, render_sbatch(plan), warnings, writable)
+    return PreparedRun(
+        exp, cluster, plan, train, edf_data, edf_src, render_sbatch(plan), warnings, writable, strategy_note
+    )
 
 
 def _account_hint(cluster: ClusterProfile) -> str:
@@ -385,7 +403,7 @@ def print_dry_run(run: PreparedRun, file=None) -> None:
     )
     table.add_column("what")
     table.add_column("value")
-    node_hours = plan.nodes * plan.minutes / 60
+    node_hours = plan.nodes * plan.seconds / 3600
     tokens = estimated_tokens(train, plan)
     table.add_row("account / partition", f"{plan.account or '(not set)'} / {plan.partition}")
     table.add_row(
@@ -394,6 +412,8 @@ def print_dry_run(run: PreparedRun, file=None) -> None:
     table.add_row("nodes x tasks", f"{plan.nodes} x {plan.tasks_per_node} = {plan.world_size} ranks")
     table.add_row("GPUs", f"{plan.total_gpus} ({plan.gpus_per_node} per node, {plan.gpus_per_task} per task)")
     table.add_row("CPUs per task / memory", f"{plan.cpus_per_task} / {plan.mem_mb} MB per node")
+    if run.strategy_note:
+        table.add_row("data parallel", run.strategy_note)
     table.add_row("node-hours (upper bound)", f"{node_hours:.2f}")
     table.add_row(
         "estimated tokens",

@@ -165,7 +165,9 @@ def wrap_model(model: nn.Module, cfg: DistributedConfig, env: DistEnv, device: t
     if cfg.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # Gradients live in DDP's all-reduce buckets (views) instead of a second full-size copy.
+        device_ids = [device.index] if device.type == "cuda" else None
+        return DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)
     from torch.distributed.fsdp import fully_shard
 
     # Shard each transformer block separately, then the rest (embeddings, norm, head) at the root.

@@ -58,8 +58,12 @@ def golden_plan(exp, overrides=(), cluster="clariden"):
     [
         ("baseline", "baseline", []),
         ("fused", "fused", []),
-        ("profile", "profile", []),
+        ("compile", "compile", []),
+        ("seq4096", "seq4096", []),
+        ("fused-compile-seq4096", "fused-compile-seq4096", []),
+        ("fused-4gpus", "fused", ["job.gpus=4"]),
         ("fused-2nodes", "fused", ["job.nodes=2", "job.time=01:00:00"]),
+        ("profile", "profile", []),
     ],
 )
 def test_sbatch_matches_golden(name, exp, overrides):
@@ -91,7 +95,17 @@ def test_golden_content_is_the_clariden_layout():
     srun = next(line for line in text.splitlines() if line.startswith("srun "))
     assert "--environment=/iopsstor/scratch/cscs/alice/lmtrain/runs/fused/golden/env.toml" in srun
     assert "--cpus-per-task=72" in srun
-    assert "numactl --membind=0-3 python3 -m lmtrain.train" in text
+    # four tasks per node: each rank binds CPUs and memory to its own GPU's NUMA node
+    assert "numactl '--cpunodebind={local_rank}' '--membind={local_rank}' python3 -m lmtrain.train" in text
+    for name in ("baseline", "fused", "compile", "seq4096", "fused-compile-seq4096"):
+        one = (GOLDEN / f"{name}.sbatch").read_text()  # the course's runs: one task on one GPU
+        for line in ("#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=1", "#SBATCH --nodes=1"):
+            assert line in one, (name, line)
+        assert "numactl --membind=0-3 python3 -m lmtrain.train" in one
+    assert "#SBATCH --time=00:14:59" in (GOLDEN / "baseline.sbatch").read_text()  # kept to the second
+    assert "#SBATCH --time=00:29:59" in (GOLDEN / "compile.sbatch").read_text()
+    four = (GOLDEN / "fused-4gpus.sbatch").read_text()
+    assert "#SBATCH --ntasks-per-node=4" in four and "#SBATCH --gpus-per-task=1" in four
     profile = (GOLDEN / "profile.sbatch").read_text()
     assert (
         "nsys profile -s none -w true --trace=nvtx,cudnn,cublas,cuda --capture-range=cudaProfilerApi"
@@ -99,7 +113,7 @@ def test_golden_content_is_the_clariden_layout():
     )
     assert "-o /iopsstor/scratch/cscs/alice/lmtrain/runs/profile/golden/trace numactl" in profile
     assert "#SBATCH --gpus-per-node=1" in profile  # one GH200, as the course profiles
-    multi = render_sbatch(golden_plan("profile", ["job.gpus_per_node=4", "job.tasks_per_node=4"]))
+    multi = render_sbatch(golden_plan("profile", ["job.gpus=4"]))
     assert "golden/trace_rank%q{RANK}" in multi  # one trace per rank
 
 
@@ -119,7 +133,7 @@ def test_standalone_script_has_the_same_options_as_submitit():
     theirs.pop("wckey", None)
     for key in ("output", "error"):  # submitit's %j_0_log.out pattern, same folder
         assert mine.pop(key) == theirs.pop(key)
-    assert parse_time(mine.pop("time")[0]) == int(theirs.pop("time")[0])  # 00:15:00 vs minutes
+    assert mine.pop("time") == theirs.pop("time") == ["00:14:59"]  # to the second through submitit too
     assert mine == theirs
     sub_srun = shlex.split(next(line for line in sub.splitlines() if line.startswith("srun ")))
     mine_srun = shlex.split(
@@ -203,7 +217,9 @@ def test_experiments_carry_the_course_settings():
         "constant",
     )
     assert b.data.tokenizer == "unsloth/Mistral-Nemo-Base-2407-bnb-4bit"
-    assert b.data.dataset.endswith(".parquet") and b.data.dataset.startswith("/capstor/")
+    assert b.data.dataset == "${COURSE_STORE}/datasets/train_data.parquet"
+    on_clariden = prepare("baseline", "clariden", environ=ENV, dry_run=True, run_dir="/iopsstor/r").train
+    assert on_clariden.data.dataset == "/capstor/store/cscs/ethz/large-sc-2/datasets/train_data.parquet"
     assert load_experiment("fused").train.optim.fused is True
     assert load_experiment("compile").train.training.compile is True
     assert load_experiment("seq4096").train.data.sequence_length == 4096
@@ -314,13 +330,67 @@ def test_time_over_partition_limit():
 
 
 def test_more_gpus_than_a_node_has():
-    with pytest.raises(UserError, match=r"job.gpus_per_node = 8 but a clariden node has 4 GPUs"):
-        golden_plan("fused", ["job.gpus_per_node=8"])
+    with pytest.raises(UserError, match=r"job.gpus = 8 but a clariden node has 4 GPUs"):
+        golden_plan("fused", ["job.gpus=8"])
+    with pytest.raises(
+        UserError, match=r"job.gpus = 2 and job.gpus_per_node = 4 disagree: set only job.gpus"
+    ):
+        golden_plan("fused", ["job.gpus=2", "job.gpus_per_node=4"])
 
 
 def test_more_cpus_than_a_node_has():
     with pytest.raises(UserError, match=r"4 x 100 = 400 CPUs.*has 288"):
-        golden_plan("fused", ["job.cpus_per_task=100"])
+        golden_plan("fused", ["job.gpus=4", "job.cpus_per_task=100"])
+
+
+def test_course_experiments_run_one_task_on_one_gpu_and_more_is_explicit():
+    for exp in ("baseline", "fused", "compile", "seq4096", "fused-compile-seq4096", "profile"):
+        plan = golden_plan(exp)
+        assert (plan.nodes, plan.tasks_per_node, plan.gpus_per_node, plan.world_size) == (1, 1, 1, 1), exp
+    assert golden_plan("baseline").time == "00:14:59"
+    four = golden_plan("fused", ["job.gpus=4"])
+    assert (four.tasks_per_node, four.gpus_per_task, four.world_size) == (4, 1, 4)
+    two_nodes = golden_plan("fused", ["job.nodes=2"])  # several nodes: whole nodes
+    assert (two_nodes.tasks_per_node, two_nodes.world_size) == (4, 8)
+    assert golden_plan("fused", ["job.nodes=2", "job.gpus=1"]).world_size == 2
+
+
+def test_multi_gpu_picks_fsdp_for_8b_and_ddp_where_a_replica_fits(tmp_path):
+    def prepared(exp, over):
+        return prepare(exp, "clariden", over, environ=ENV, dry_run=True, run_dir=str(tmp_path / exp))
+
+    one = prepared("fused", [])
+    assert one.strategy_note is None and one.train.distributed.strategy == "ddp"  # nothing to shard
+    eight_b = prepared("fused", ["job.gpus=4"])
+    assert eight_b.train.distributed.strategy == "fsdp"
+    assert "fsdp (chosen: a DDP replica needs ~77.6 GB per GPU" in eight_b.strategy_note
+    assert "80% of the 96 GB GPU is 76.8 GB" in eight_b.strategy_note
+    small = prepared("fused", ["job.gpus=4", "model.preset=gpt2-small"])
+    assert small.train.distributed.strategy == "ddp" and small.strategy_note.startswith("ddp (chosen")
+    kept = prepared("fused", ["job.gpus=4", "distributed.strategy=ddp"])
+    assert kept.train.distributed.strategy == "ddp" and "set by the experiment" in kept.strategy_note
+
+
+def test_course_store_variable_on_a_cluster_without_it():
+    with pytest.raises(
+        UserError, match=r"data.dataset = .*uses \$\{COURSE_STORE\}, which cluster 'local' does not"
+    ):
+        prepare("baseline", "local", dry_run=True, run_dir="/tmp/never-written")
+
+
+def test_numactl_per_rank_must_name_the_local_rank(tmp_path):
+    data = read_yaml(REPO / "jobs/clusters/clariden.yaml")
+    data["numactl"]["per_rank"] = "--membind=0"
+    with pytest.raises(UserError, match=r"numactl.per_rank must be a string naming \{local_rank\}"):
+        cluster_from_dict(data, "c.yaml")
+
+
+def test_rank_command_binds_each_rank_to_its_numa_node():
+    from jobs.task import rank_command
+
+    cmd = list(golden_plan("fused", ["job.gpus=4"]).command)
+    assert rank_command(cmd, "2")[:3] == ["numactl", "--cpunodebind=2", "--membind=2"]
+    assert list(golden_plan("fused").command)[:2] == ["numactl", "--membind=0-3"]
 
 
 def test_unknown_partition():
