@@ -65,26 +65,44 @@ def srun_command(plan: JobPlan) -> list[str]:
     ]  # fmt: skip
 
 
+# Slurm's time formats ([D-]H:MM:SS, MM:SS, SS) -> seconds; empty for anything else (UNLIMITED, INVALID).
+_SECONDS_FUNCTION = [
+    "seconds() {",
+    "  local t=$1 d=0 a b c",
+    "  case $t in *-*) d=${t%%-*}; t=${t#*-};; esac",
+    '  case $t in ""|*[!0-9:]*) return;; esac',
+    '  IFS=: read -r a b c <<< "$t"',
+    '  if [ -n "$c" ]; then echo $(( d*86400 + 10#$a*3600 + 10#$b*60 + 10#$c ))',
+    '  elif [ -n "$b" ]; then echo $(( d*86400 + 10#$a*60 + 10#$b ))',
+    "  else echo $(( d*86400 + 10#$a )); fi",
+    "}",
+]
+
+
 def requeue_lines(plan: JobPlan) -> list[str]:
     """After srun: on the task's exit code EXIT_REQUEUE (the trainer saved a checkpoint on a signal),
-    requeue from the batch shell. A signal within a minute of when the time-limit signal is due is a
-    time-out (at most max_num_timeout of them per job, counted in RUN/requeues.log); an earlier one is
-    a preemption and does not count. This holds for time limits under 10 minutes too."""
+    requeue from the batch shell. A signal when at most a minute more than signal_delay_s was left of
+    the time limit (as Slurm reports it now: `sbatch --time` and `scontrol update` count) is a time-out,
+    at most max_num_timeout of them per job (counted in RUN/requeues.log); an earlier one is a
+    preemption and does not count. This holds for time limits under 10 minutes too."""
     q = shlex.quote
     log = q(f"{plan.run_dir}/requeues.log")
-    timeout_after = max(0, plan.seconds - plan.signal_delay_s - 60)
+    fallback_after = max(0, plan.seconds - plan.signal_delay_s - 60)
     return [
         "rc=$?",
         f'if [ "$rc" -eq {EXIT_REQUEUE} ]; then',
         "  elapsed=$(( $(date +%s) - started ))",
-        f'  if [ "$elapsed" -ge {timeout_after} ]; then kind=timeout; else kind=preemption; fi',
+        '  left=$(seconds "$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null)")',
+        f'  if [ -n "$left" ]; then near_limit=$(( left <= {plan.signal_delay_s + 60} )); '
+        f"else near_limit=$(( elapsed >= {fallback_after} )); fi",
+        '  if [ "$near_limit" -eq 1 ]; then kind=timeout; else kind=preemption; fi',
         f'  timeouts=$(grep -c "^timeout job=$SLURM_JOB_ID " {log} 2>/dev/null || true)',
         f'  if [ "$kind" = timeout ] && [ "${{timeouts:-0}}" -ge {plan.max_num_timeout} ]; then',
         f'    echo "lmtrain: error: {plan.max_num_timeout} time-out requeues used up; the checkpoint is kept: '
         f'make resume RUN="{q(plan.run_dir)} >&2',
         f"    exit {EXIT_REQUEUE}",
         "  fi",
-        f'  echo "$kind job=$SLURM_JOB_ID restart=${{SLURM_RESTART_COUNT:-0}} elapsed=${{elapsed}}s" >> {log}',
+        f'  echo "$kind job=$SLURM_JOB_ID restart=${{SLURM_RESTART_COUNT:-0}} elapsed=${{elapsed}}s left=${{left:-?}}s" >> {log}',
         '  echo "lmtrain: the trainer saved a checkpoint ($kind); requeueing job $SLURM_JOB_ID"',
         '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
         "fi",
@@ -105,6 +123,7 @@ def render_sbatch(plan: JobPlan) -> str:
     lines += ["", *plan.setup_lines(), "export SUBMITIT_EXECUTOR=slurm"]
     lines += [
         f"mkdir -p {q(plan.submitit_folder)}",
+        *_SECONDS_FUNCTION,
         "started=$(date +%s)",
         "",
         shlex.join(srun_command(plan)),

@@ -607,7 +607,6 @@ def make_plan(
         )
     part = cluster.partitions[partition]
     seconds = parse_seconds(spec.time)
-    minutes = -(-seconds // 60)
     if part.max_minutes is not None and seconds > part.max_minutes * 60:
         raise UserError(
             f"job.time = {spec.time} exceeds the {format_minutes(part.max_minutes)} limit of partition "
@@ -676,11 +675,6 @@ def make_plan(
     command += [py, "-m", "lmtrain.train", "--config", f"{run_dir}/config.yaml"]
     env = dict(cluster.env)
     env.setdefault("OMP_NUM_THREADS", str(cpus))
-    if minutes < 10:
-        warnings.append(
-            f"job.time = {spec.time} is under 10 minutes: submitit then counts every preemption signal as "
-            f"a time-out, so the job is requeued at most job.max_num_timeout = {spec.max_num_timeout} times"
-        )
     if spec.signal_delay_s >= seconds:
         raise UserError(
             f"job.signal_delay_s = {spec.signal_delay_s} is not shorter than job.time = {spec.time}: "

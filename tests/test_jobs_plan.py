@@ -284,9 +284,37 @@ def test_time_limits():
             parse_time(bad)
 
 
-def test_short_time_limit_is_explained():
-    plan = golden_plan("smoke", ["job.time=00:05:00", "job.signal_delay_s=30"])
-    assert any("under 10 minutes" in w for w in plan.warnings)
+def test_who_requeues_a_job():
+    from jobs.submit import requeue_owner
+
+    def local(over=()):
+        return make_plan(load_experiment("smoke", list(over)), load_cluster("local"), "/r", WORKDIR, {}, None)
+
+    assert requeue_owner(golden_plan("fused")) == "sbatch"  # a container: the batch script, outside it
+    assert requeue_owner(local()) == "submitit"  # 00:10:00 and no container: submitit's path works
+    short = local(["job.time=00:05:00", "job.signal_delay_s=30"])
+    assert requeue_owner(short) == "sbatch"  # under 10 minutes submitit would count preemptions as time-outs
+    with pytest.raises(
+        UserError, match=r"--via submitit with job.time = 00:05:00: under 10 minutes submitit"
+    ):
+        requeue_owner(short, "submitit")
+    with pytest.raises(
+        UserError, match=r"--via submitit: submitit requeues from inside the task, here inside"
+    ):
+        requeue_owner(golden_plan("fused"), "submitit")
+
+
+def test_the_batch_script_requeues_outside_the_container_on_exit_85():
+    text = (GOLDEN / "fused.sbatch").read_text()
+    srun_at = text.index("\nsrun ")
+    after = text[srun_at:]
+    assert (
+        after.index("rc=$?")
+        < after.index('if [ "$rc" -eq 85 ]')
+        < after.index('scontrol requeue "$SLURM_JOB_ID"')
+    )
+    assert "trap '' USR1 USR2" in text[:srun_at]
+    assert '"scontrol"' not in Path(REPO / "jobs/task.py").read_text()  # the task never calls it
 
 
 # ------------------------------------------------------------------------------------------ bad input
