@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import sys
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 
 from lmtrain.config import ModelConfig
 from lmtrain.errors import UserError
+from lmtrain.memory import meta_parameter_sizes
 from lmtrain.model import PRESETS, Transformer, TransformerModelArgs, model_args_from_config
 
 # Components in display order; each parameter name belongs to exactly one.
@@ -41,14 +41,6 @@ def _component(name: str) -> str:
     return "norms"
 
 
-@functools.lru_cache(maxsize=32)
-def _meta_parameter_sizes(args_items: tuple) -> tuple[tuple[str, int], ...]:
-    """(name, numel) of every parameter of a model built on the meta device: no memory, exact."""
-    with torch.device("meta"):
-        model = Transformer(TransformerModelArgs(**dict(args_items)))
-    return tuple((name, p.numel()) for name, p in model.named_parameters())
-
-
 def count_parameters(model_or_args: Transformer | TransformerModelArgs) -> dict[str, int]:
     """Parameters per component, plus `total` and `non_embedding` (total minus the embedding tables,
     which are lookups, not matmuls: the N of the 6N FLOPs rule). The output head counts as non-embedding
@@ -56,7 +48,7 @@ def count_parameters(model_or_args: Transformer | TransformerModelArgs) -> dict[
     if isinstance(model_or_args, torch.nn.Module):
         shapes = tuple((name, p.numel()) for name, p in model_or_args.named_parameters())
     else:
-        shapes = _meta_parameter_sizes(tuple(dataclasses.asdict(model_or_args).items()))
+        shapes = meta_parameter_sizes(tuple(dataclasses.asdict(model_or_args).items()))
     counts = dict.fromkeys(COMPONENTS, 0)
     for name, numel in shapes:
         counts[_component(name)] += numel
