@@ -24,6 +24,8 @@ _ERROR_LINE = re.compile(
     r"DUE TO TIME LIMIT|CANCELLED AT)",
     re.IGNORECASE,
 )
+# Lines that only report that something below failed: the cause is the error line before them.
+_GENERIC = re.compile(r"^lmtrain task:|training exited with code|^submitit ERROR|^Traceback|^srun: error:")
 FAILED_STATES = ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 
 
@@ -59,8 +61,9 @@ def failure_cause(log_dir: str | Path, job_id: str, n_lines: int = 20) -> Failur
         if not any(line.strip() for line in lines):
             continue
         errors = [line.strip() for line in lines if _ERROR_LINE.search(line.strip())]
+        specific = [e for e in errors if not _GENERIC.search(e)]
         rank = f.name[len(job_id) + 1 :].split("_")[0] if job_id != "*" else f.name.split("_")[-2]
-        found.append(FailureCause(rank, errors[-1] if errors else None, lines[-n_lines:], f))
+        found.append(FailureCause(rank, (specific or errors or [None])[-1], lines[-n_lines:], f))
     if not found:
         return None
     with_error = [c for c in found if c.error_line] or found

@@ -316,6 +316,7 @@ _JOB_KEYS: dict[str, str] = {
     "signal_delay_s": "seconds before the time limit at which Slurm signals the job to checkpoint",
     "constraint": "Slurm --constraint",
     "qos": "Slurm --qos",
+    "memory_check": "refuse to submit when the per-GPU memory estimate exceeds the GPU (false: submit anyway)",
 }
 
 
@@ -338,6 +339,7 @@ class JobSpec:
     signal_delay_s: int = 90
     constraint: str | None = None
     qos: str | None = None
+    memory_check: bool = True
 
 
 def job_from_dict(data: Mapping[str, Any] | None, source: str) -> JobSpec:
@@ -361,11 +363,11 @@ def job_from_dict(data: Mapping[str, Any] | None, source: str) -> JobSpec:
             minimum = 1 if key in ("nodes", "tasks_per_node", "cpus_per_task") else 0
             if not _is_int(value) or value < minimum:
                 raise UserError(f"{source}: job.{key} = {value!r} must be an integer >= {minimum}")
-        elif key == "nsys":
+        elif key in ("nsys", "memory_check"):
             if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
                 value = value.lower() in ("true", "yes", "1")
             if not isinstance(value, bool):
-                raise UserError(f"{source}: job.nsys = {value!r} must be true or false")
+                raise UserError(f"{source}: job.{key} = {value!r} must be true or false")
         elif key == "time":
             parse_time(value, f"{source}: job.time")
             value = str(value)
@@ -750,43 +752,6 @@ def resolved_train_config(
         if local.exists():
             d["data"]["dataset"] = str(local)
     return config_from_dict(d, source=exp.source)
-
-
-# Share of one GPU's memory that DDP's replicated training state plus the activations may fill before
-# FSDP2 is chosen instead: the rest covers what the state estimate leaves out (CUDA context, NCCL buffers,
-# cuBLAS workspace, allocator fragmentation).
-DDP_MEMORY_SHARE = 0.8
-# The course tokenizer's vocabulary, for models whose vocabulary comes from a tokenizer only the job loads.
-COURSE_VOCAB_SIZE = 131072
-
-
-def choose_strategy(train: TrainConfig, cluster: ClusterProfile, world_size: int) -> tuple[str, str] | None:
-    """(strategy, why) for a multi-process job on GPUs: DDP (gradients as views of its buckets, so no
-    second gradient copy) where a full replica and the activations fit in DDP_MEMORY_SHARE of the GPU,
-    else FSDP2. None where there is nothing to choose (one process, or no GPU memory in the profile)."""
-    if world_size <= 1 or not cluster.gpu_mem_mb:
-        return None
-    from lmtrain.accounting import memory_estimate
-    from lmtrain.model import model_args_from_config
-
-    seq = train.data.sequence_length
-    args = model_args_from_config(
-        train.model, vocab_size=train.model.vocab_size or COURSE_VOCAB_SIZE, seq_len=seq
-    )
-    prec = train.precision
-    key = "mixed" if prec.amp != "none" else ("fp32" if prec.model_dtype == "fp32" else "bf16")
-    est = memory_estimate(args, seq)[key]
-    replica = est["states"] + est["activations_per_sequence"] * train.data.batch_size
-    device = cluster.gpu_mem_mb * 2**20
-    gb = 1e9
-    what = (
-        f"a DDP replica needs ~{replica / gb:.1f} GB per GPU (weights, gradients, AdamW states, activations "
-        f"of batch {train.data.batch_size} x {seq}); {DDP_MEMORY_SHARE:.0%} of the {device / gb:.0f} GB GPU "
-        f"is {DDP_MEMORY_SHARE * device / gb:.1f} GB"
-    )
-    if replica <= DDP_MEMORY_SHARE * device:
-        return "ddp", what
-    return "fsdp", what
 
 
 def estimated_tokens(train: TrainConfig, plan: JobPlan) -> int:

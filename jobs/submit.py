@@ -15,7 +15,6 @@ submits nothing, prints the script, EDF, command and a summary, and checks what 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as _dt
 import itertools
 import json
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs import edf as edfmod
+from jobs import memory_fit as memfit
 from jobs import runs
 from jobs.sbatch import render_sbatch
 from jobs.spec import (
@@ -37,7 +37,6 @@ from jobs.spec import (
     ClusterProfile,
     Experiment,
     JobPlan,
-    choose_strategy,
     estimated_tokens,
     load_cluster,
     load_experiment,
@@ -62,6 +61,7 @@ class PreparedRun:
     warnings: list[str]
     writable: bool  # False when the output root has unresolved $VARS (dry run away from the cluster)
     strategy_note: str | None = None  # why a multi-GPU job runs DDP or FSDP
+    memory: memfit.MemoryFit | None = None  # the per-GPU memory estimate against the GPU
 
 
 def slurm_problem() -> str | None:
@@ -164,23 +164,38 @@ def prepare(
         warnings += edfmod.environment_path_warnings(edf_path or "")
     train = resolved_train_config(exp, run_dir, cwd, cluster)
     strategy_note = None
-    choice = choose_strategy(train, cluster, plan.world_size)
+    choice = memfit.choose_strategy(train, cluster, plan)
     if choice is not None:
         strategy, why = choice
         if "distributed.strategy" in exp.set_keys:
             strategy_note = f"{train.distributed.strategy} (set by the experiment; {why})"
         else:
-            train = dataclasses.replace(
-                train, distributed=dataclasses.replace(train.distributed, strategy=strategy)
-            )
+            train = memfit.with_strategy(train, strategy)
             strategy_note = f"{strategy} (chosen: {why})"
+    fit = memfit.check_fit(train, cluster, plan)
+    if fit is not None and not fit.fits:
+        problem = f"{fit.line()}; {fit.suggestion} would fit"
+        if dry_run or not exp.job.memory_check:
+            warnings.append(problem + ("" if dry_run else " (submitted anyway: job.memory_check=false)"))
+        else:
+            raise UserError(f"{problem}; job.memory_check=false submits it anyway")
     warnings += list(plan.warnings)
     problems = _dataset_problems(train, edf_data)
     if problems and not dry_run:
         raise UserError("; ".join(problems))
     warnings += problems
     return PreparedRun(
-        exp, cluster, plan, train, edf_data, edf_src, render_sbatch(plan), warnings, writable, strategy_note
+        exp,
+        cluster,
+        plan,
+        train,
+        edf_data,
+        edf_src,
+        render_sbatch(plan),
+        warnings,
+        writable,
+        strategy_note,
+        fit,
     )
 
 
@@ -568,6 +583,14 @@ def print_dry_run(run: PreparedRun, file=None) -> None:
     for r in shown:
         lay.add_row(*(str(x) for x in r))
     console.print(lay)
+    if run.memory is not None:
+        mem = Table(title="memory per GPU (lmtrain.memory estimate; GPU-only terms are estimates)")
+        for col in ("term", "GiB", "note"):
+            mem.add_column(col)
+        for row in memfit.memory_rows(run.memory):
+            mem.add_row(*row)
+        console.print(mem)
+        console.print(run.memory.line())
     for w in run.warnings:
         console.print(f"warning: {w}")
     console.print(
@@ -675,6 +698,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if run.strategy_note:
         print(f"  data parallel: {run.strategy_note}")
+    if run.memory is not None:
+        print(f"  {run.memory.line()}")
     print(f"  logs: make logs EXP={run.plan.experiment}    status: make status")
     return _wait(job) if args.wait else 0
 

@@ -391,12 +391,47 @@ def test_multi_gpu_picks_fsdp_for_8b_and_ddp_where_a_replica_fits(tmp_path):
     assert one.strategy_note is None and one.train.distributed.strategy == "ddp"  # nothing to shard
     eight_b = prepared("fused", ["job.gpus=4"])
     assert eight_b.train.distributed.strategy == "fsdp"
-    assert "fsdp (chosen: a DDP replica needs ~77.6 GB per GPU" in eight_b.strategy_note
-    assert "80% of the 96 GB GPU is 76.8 GB" in eight_b.strategy_note
+    assert (
+        "fsdp (chosen: DDP needs ~83.9 GiB per GPU, x1.15 = 96.5 GiB > 95.6 GiB of one GPU)"
+        in eight_b.strategy_note
+    )
+    assert eight_b.memory.fits and eight_b.memory.estimate.strategy == "fsdp"
     small = prepared("fused", ["job.gpus=4", "model.preset=gpt2-small"])
     assert small.train.distributed.strategy == "ddp" and small.strategy_note.startswith("ddp (chosen")
     kept = prepared("fused", ["job.gpus=4", "distributed.strategy=ddp"])
     assert kept.train.distributed.strategy == "ddp" and "set by the experiment" in kept.strategy_note
+
+
+def test_memory_estimate_next_to_the_gpu_in_dry_run_and_submit_refuses_what_does_not_fit(tmp_path, capsys):
+    run = prepare("baseline", "clariden", environ=ENV, dry_run=True, run_dir=str(tmp_path / "b"))
+    assert run.memory.fits and run.memory.device == 97871 * 2**20
+    print_dry_run(run)
+    out = capsys.readouterr().out
+    assert "memory per GPU (lmtrain.memory estimate;" in out
+    assert "AdamW moments" in out and "cuda context" in out and "one GPU (cluster profile)" in out
+    assert "memory per GPU: ~79.8 GiB estimated (single x1, bf16, batch 1 x 2048) of 95.6 GiB: fits" in out
+    big = ["data.batch_size=8"]
+    with pytest.raises(
+        UserError,
+        match=r"does NOT fit; "
+        r"data.batch_size=\d or data.sequence_length=\d+ would fit; job.memory_check=false",
+    ):
+        prepare("baseline", "clariden", big, environ=ENV, run_dir=str(tmp_path / "big"))
+    dry = prepare("baseline", "clariden", big, environ=ENV, dry_run=True, run_dir=str(tmp_path / "big"))
+    assert any("does NOT fit" in w for w in dry.warnings)  # the dry run says so without refusing
+    anyway = prepare(
+        "baseline", "clariden", [*big, "job.memory_check=false"], environ=ENV, run_dir=str(tmp_path / "x")
+    )
+    assert any("submitted anyway: job.memory_check=false" in w for w in anyway.warnings)
+    ddp = ["job.gpus=4", "distributed.strategy=ddp", "data.batch_size=2"]
+    with pytest.raises(
+        UserError, match=r"\(ddp x4, bf16, batch 2 x 2048\).*does NOT fit; distributed.strategy=fsdp"
+    ):
+        prepare("baseline", "clariden", ddp, environ=ENV, run_dir=str(tmp_path / "ddp"))
+    assert (
+        prepare("smoke", "local", ["data.dataset=/"], dry_run=True, run_dir=str(tmp_path / "s")).memory
+        is None
+    )
 
 
 def test_course_store_variable_on_a_cluster_without_it():
