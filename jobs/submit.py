@@ -26,10 +26,9 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobs import edf as edfmod
-from jobs import memory_fit as memfit
 from jobs import runs
 from jobs.sbatch import render_sbatch
 from jobs.spec import (
@@ -46,6 +45,9 @@ from jobs.spec import (
 from lmtrain.config import TrainConfig, save_config
 from lmtrain.errors import UserError
 
+if TYPE_CHECKING:
+    from jobs.memory_fit import MemoryFit
+
 _DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".bin", ".txt")
 
 
@@ -61,7 +63,7 @@ class PreparedRun:
     warnings: list[str]
     writable: bool  # False when the output root has unresolved $VARS (dry run away from the cluster)
     strategy_note: str | None = None  # why a multi-GPU job runs DDP or FSDP
-    memory: memfit.MemoryFit | None = None  # the per-GPU memory estimate against the GPU
+    memory: MemoryFit | None = None  # the per-GPU memory estimate against the GPU
 
 
 def slurm_problem() -> str | None:
@@ -163,6 +165,8 @@ def prepare(
         )
         warnings += edfmod.environment_path_warnings(edf_path or "")
     train = resolved_train_config(exp, run_dir, cwd, cluster)
+    from jobs import memory_fit as memfit  # torch: imported only where a plan is made
+
     strategy_note = None
     choice = memfit.choose_strategy(train, cluster, plan)
     if choice is not None:
@@ -584,10 +588,12 @@ def print_dry_run(run: PreparedRun, file=None) -> None:
         lay.add_row(*(str(x) for x in r))
     console.print(lay)
     if run.memory is not None:
+        from jobs.memory_fit import memory_rows
+
         mem = Table(title="memory per GPU (lmtrain.memory estimate; GPU-only terms are estimates)")
         for col in ("term", "GiB", "note"):
             mem.add_column(col)
-        for row in memfit.memory_rows(run.memory):
+        for row in memory_rows(run.memory):
             mem.add_row(*row)
         console.print(mem)
         console.print(run.memory.line())

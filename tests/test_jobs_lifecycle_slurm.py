@@ -161,6 +161,32 @@ def test_cancelling_an_unknown_job_says_so_at_once(tmp_path):
     assert time.monotonic() - start < 20
 
 
+@pytest.mark.slow
+def test_resume_and_cancel_refuse_a_running_job_and_an_ended_one(tmp_path):
+    from jobs.submit import record_job
+
+    run, run_dir = counter_run(tmp_path, 10_000, 0.1)
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", str(run_dir / "job.sbatch")], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    record_job(job_id, "smoke", "local", str(run_dir), str(run_dir / "submitit"), "sbatch")
+    running = jobs_cli(tmp_path, "jobs.submit", "--resume", str(run_dir))
+    assert running.returncode == 2
+    assert (
+        f"job {job_id} of {run_dir} is still " in running.stderr
+        and f"make cancel JOB={job_id}" in running.stderr
+    )
+    cancelled = jobs_cli(tmp_path, "jobs.cancel", job_id)
+    assert cancelled.returncode == 0 and f"job {job_id}: CANCELLED" in cancelled.stdout
+    again = jobs_cli(tmp_path, "jobs.cancel", job_id)
+    assert (
+        again.returncode == 2
+        and f"job {job_id} has already ended (CANCELLED): nothing to cancel" in again.stderr
+    )
+    bad_time = jobs_cli(tmp_path, "jobs.submit", "--resume", str(run_dir), "job.time=2h")
+    assert bad_time.returncode == 2 and "job.time = '2h' is not a Slurm time limit" in bad_time.stderr
+
+
 def test_resume_refuses_what_it_cannot_resume(tmp_path):
     out = jobs_cli(tmp_path, "jobs.submit", "--resume", str(tmp_path))
     assert out.returncode == 2 and "is not a submitted run directory (no job.json)" in out.stderr

@@ -434,6 +434,11 @@ def test_memory_estimate_next_to_the_gpu_in_dry_run_and_submit_refuses_what_does
     )
 
 
+def test_memory_check_must_be_a_boolean():
+    with pytest.raises(UserError, match=r"job.memory_check = 'maybe' must be true or false"):
+        load_experiment("fused", ["job.memory_check=maybe"])
+
+
 def test_course_store_variable_on_a_cluster_without_it():
     with pytest.raises(
         UserError, match=r"data.dataset = .*uses \$\{COURSE_STORE\}, which cluster 'local' does not"
