@@ -1,26 +1,49 @@
-"""`lmtrain params`: exact parameter count, FLOPs per token and training memory of a model.
+"""`lmtrain params`: plan a run: parameters, FLOPs per token by matmul, memory per GPU, time.
 
-lmtrain params --preset llama3-8b --vocab-size 131072 --seq-len 2048
-lmtrain params --preset tiny --vocab-size 256 --norm layernorm --mlp gelu
+lmtrain params --preset llama3-8b --vocab-size 131072 --seq-len 2048 --device gh200
+lmtrain params --presets gpt2-small,gpt2-medium,gpt2-large,gpt2-xl,llama3-8b --seq-len 2048
+lmtrain params --preset llama3-8b --sweep-seq 1024,4096,16384
+lmtrain params --preset llama3-8b --strategy fsdp --gpus 4 --batch-size 2 --memory-gib 80
+lmtrain params --preset gpt2-small --steps 400000 --batch-size 1024 --seq-len 1024 --device h100 --mfu 0.5
+lmtrain params --preset tiny --vocab-size 256 --norm layernorm --mlp gelu --markdown
+lmtrain params --calibrate        # the memory estimate against measured CPU peaks
 lmtrain params --list
 
 The model is built on the meta device, so even 8B parameters cost no memory and the count is exact
-(it is the model's own parameters, not a formula). The trainer's MFU uses `flops_per_token`.
+(it is the model's own parameters, not a formula). The trainer's MFU uses `flops_per_token`;
+`flops_breakdown` splits it by matmul and sums back to it exactly. Memory comes from
+`lmtrain.memory.estimate_training_memory`, the one estimator the job layer's fit check also uses.
+All functions above the command line are pure and importable.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
+import typing
 from typing import Any
 
 import torch
 
 from lmtrain.config import ModelConfig
 from lmtrain.errors import UserError
-from lmtrain.memory import meta_parameter_sizes
+from lmtrain.losses import DEFAULT_CHUNK
+from lmtrain.memory import (
+    DEVICE_MEMORY_MIB,
+    PRECISIONS,
+    STRATEGIES,
+    calibration_cases,
+    calibration_table,
+    device_memory_bytes,
+    estimate_training_memory,
+    largest_batch,
+    meta_parameter_sizes,
+)
+from lmtrain.metrics import table_peak_tflops
 from lmtrain.model import PRESETS, Transformer, TransformerModelArgs, model_args_from_config
+from lmtrain.tables import markdown_table
 
 # Components in display order; each parameter name belongs to exactly one.
 COMPONENTS = ("embedding", "positions", "attention", "feed_forward", "norms", "head")
@@ -66,76 +89,190 @@ def flops_per_token(args: TransformerModelArgs, seq_len: int) -> float:
     return 6.0 * n + 12.0 * args.n_layers * args.n_heads * args.head_dim * seq_len
 
 
-# Bytes per parameter for (weights, gradients, AdamW's two moments) and per activation element.
-PRECISIONS: dict[str, dict[str, float]] = {
-    # Everything in fp32.
-    "fp32": dict(weights=4, gradients=4, optimizer=8, activation=4),
-    # Everything in bf16, the course's setting: parameters, gradients and AdamW moments.
-    "bf16": dict(weights=2, gradients=2, optimizer=4, activation=2),
-    # fp32 master weights, gradients and moments; autocast computes in bf16 and keeps a bf16 copy of
-    # each weight alive until backward has used it (the +2).
-    "mixed": dict(weights=4 + 2, gradients=4, optimizer=8, activation=2),
+# --------------------------------------------------------------------------------------------------
+# FLOPs per matmul, AdamW, wall-clock
+# --------------------------------------------------------------------------------------------------
+
+# Training FLOPs per token, by matmul, in display order, with the part each one belongs to.
+MATMULS: dict[str, str] = {
+    "wq": "attention",
+    "wk": "attention",
+    "wv": "attention",
+    "wo": "attention",
+    "scores (QK^T)": "attention",
+    "values (AV)": "attention",
+    "w1": "feed_forward",
+    "w3": "feed_forward",
+    "w2": "feed_forward",
+    "head": "head",
 }
+PARTS = ("attention", "feed_forward", "head", "norms")
 
 
-def activation_elements_per_token(args: TransformerModelArgs) -> int:
-    """Leading-order count of tensor elements one token leaves saved for backward (no recomputation,
-    flash-style SDPA that stores no T x T matrix). Per block: each norm's input and output (4 x dim),
-    q and the attention output before and after the head merge (3 x dim), k and v (2 x kv_dim), and the
-    MLP's hidden tensors (SwiGLU: w1 out, silu out, w3 out, product; GELU: w1 out, gelu out). After the
-    blocks: the final norm's input and output, the logits and their fp32 log-softmax (as elements of
-    the compute dtype, so fp32 logits are counted twice)."""
-    kv_dim = args.n_kv_heads * args.head_dim
-    mlp = (4 if args.mlp == "swiglu" else 2) * args.ffn_hidden_dim
-    per_block = 7 * args.dim + 2 * kv_dim + mlp
-    head = 2 * args.dim + 3 * args.vocab_size
-    return args.n_layers * per_block + head
-
-
-def memory_estimate(args: TransformerModelArgs, seq_len: int) -> dict[str, dict[str, float]]:
-    """Bytes of training memory per precision: weights, gradients, optimizer, states (their sum),
-    activations per token and per sequence of seq_len tokens."""
-    n = count_parameters(args)["total"]
-    act = activation_elements_per_token(args)
-    out = {}
-    for name, b in PRECISIONS.items():
-        row = dict(weights=n * b["weights"], gradients=n * b["gradients"], optimizer=n * b["optimizer"])
-        row["states"] = row["weights"] + row["gradients"] + row["optimizer"]
-        row["activations_per_token"] = act * b["activation"]
-        row["activations_per_sequence"] = act * b["activation"] * seq_len
-        out[name] = row
+def flops_breakdown(args: TransformerModelArgs, seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token (forward + backward = 3 x 2 FLOPs per multiply-add) of each matmul,
+    plus `norms`: the 6 FLOPs per norm weight that the 6N rule counts. The entries sum exactly to
+    `flops_per_token(args, seq_len)`. Attention scores and values are full T x T (not causal-halved),
+    as in `flops_per_token`; `w3` is 0 for the GELU feed-forward."""
+    C, F, L = args.dim, args.ffn_hidden_dim, args.n_layers
+    q_dim, kv_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    per_layer_macs = {
+        "wq": C * q_dim,
+        "wk": C * kv_dim,
+        "wv": C * kv_dim,
+        "wo": q_dim * C,
+        "scores (QK^T)": q_dim * seq_len,
+        "values (AV)": q_dim * seq_len,
+        "w1": C * F,
+        "w3": C * F if args.mlp == "swiglu" else 0,
+        "w2": F * C,
+    }
+    out = {name: 6.0 * L * macs for name, macs in per_layer_macs.items()}
+    out["head"] = 6.0 * C * args.vocab_size
+    out["norms"] = 6.0 * count_parameters(args)["norms"]
     return out
+
+
+def flops_by_part(args: TransformerModelArgs, seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token of attention (projections, scores and values), feed-forward, head and
+    norms; they sum to `flops_per_token`."""
+    parts = dict.fromkeys(PARTS, 0.0)
+    for name, flops in flops_breakdown(args, seq_len).items():
+        parts[MATMULS.get(name, name)] += flops
+    return parts
+
+
+# torch's AdamW, per parameter and step: decoupled weight decay (1 multiply), both moments (lerp of
+# exp_avg: 3; exp_avg_sq * beta2 + (1 - beta2) * g^2: 4), the denominator (sqrt, divide by the bias
+# correction, add eps: 3) and the update (divide, multiply by the step size, subtract: 3). Gradient
+# clipping adds 3 (square, sum, rescale).
+ADAMW_FLOPS_PER_PARAMETER = 14
+CLIP_FLOPS_PER_PARAMETER = 3
+
+
+def adamw_flops_per_step(args: TransformerModelArgs) -> float:
+    """FLOPs of one AdamW step with gradient clipping over all parameters (elementwise, memory bound)."""
+    return float((ADAMW_FLOPS_PER_PARAMETER + CLIP_FLOPS_PER_PARAMETER) * count_parameters(args)["total"])
+
+
+def training_seconds(
+    tokens: float, flops_per_token: float, gpus: int, peak_tflops: float, mfu: float
+) -> float:
+    """Wall-clock seconds to train `tokens` tokens on `gpus` devices of `peak_tflops` at `mfu` (0..1)."""
+    return tokens * flops_per_token / (gpus * peak_tflops * 1e12 * mfu)
+
+
+def _fmt_duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
 
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
 
+# The vocabulary a preset is usually trained with, when --vocab-size is not given.
+NATIVE_VOCAB = {"llama3-8b": 128256, "gpt2-small": 50257, "gpt2-medium": 50257, "gpt2-large": 50257,
+                "gpt2-xl": 50257}  # fmt: skip
+DEFAULT_VOCAB = 128256
+
 _OVERRIDES = [f for f in dataclasses.fields(ModelConfig) if f.name not in ("preset", "vocab_size", "seq_len")]
+
+
+def _override_type(f: dataclasses.Field) -> dict[str, Any]:
+    """argparse keywords for a ModelConfig field, from its annotation (Optional[int], Literal[...])."""
+    hint = typing.get_type_hints(ModelConfig)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    inner = args[0]
+    if typing.get_origin(inner) is typing.Literal:
+        return dict(choices=typing.get_args(inner))
+    if inner is bool:
+        return dict(type=lambda v: v.lower() in ("1", "true", "yes"), metavar="BOOL")
+    return dict(type=inner if inner in (int, float, str) else str)
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError("expected at least one value")
+        return values
+
+    return parse
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Shows a flag's default after its help, unless there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmtrain params",
-        description="Exact parameter count, training FLOPs per token and memory estimate of a model.",
+        description="Exact parameter count, training FLOPs per token (per matmul and per part), training "
+        "memory per GPU, the largest batch that fits a device, AdamW FLOPs and the wall-clock time of a "
+        "run. Give --presets or --sweep-seq for one table across model sizes or context lengths.",
+        formatter_class=_DefaultsFormatter,
         allow_abbrev=False,
     )
     parser.add_argument("--preset", default="llama3-8b", help=f"one of: {', '.join(PRESETS)}")
-    parser.add_argument("--vocab-size", type=int, default=128256, help="vocabulary size (default: 128256)")
-    parser.add_argument("--seq-len", type=int, default=2048, help="sequence length T (default: 2048)")
+    parser.add_argument("--vocab-size", type=int, help="vocabulary size (default: the preset's own, "
+                        f"{', '.join(f'{k} {v}' for k, v in NATIVE_VOCAB.items())}; else {DEFAULT_VOCAB})")  # fmt: skip
+    parser.add_argument("--seq-len", type=int, default=2048, help="sequence length T")
     parser.add_argument("--list", action="store_true", help="list the presets and exit")
+    g = parser.add_argument_group("tables across sizes or context lengths")
+    g.add_argument(
+        "--presets", type=_csv(str), help="comma-separated presets, e.g. gpt2-small,gpt2-xl,llama3-8b"
+    )
+    g.add_argument(
+        "--sweep-seq", type=_csv(int), help="comma-separated sequence lengths, e.g. 1024,4096,16384"
+    )
+    m = parser.add_argument_group("training memory")
+    m.add_argument("--batch-size", type=int, default=1, help="sequences per GPU (micro-batch)")
+    m.add_argument("--precision", default="bf16", choices=PRECISIONS,
+                   help="bf16/fp32/fp16: weights, gradients and AdamW moments in that dtype; amp-*: fp32 "
+                   "master weights with autocast")  # fmt: skip
+    m.add_argument("--strategy", default="single", choices=STRATEGIES, help="single process, DDP or FSDP2")
+    m.add_argument("--gpus", type=int, default=1, help="data-parallel processes (one per GPU)")
+    m.add_argument("--loss-chunk", type=int, default=DEFAULT_CHUNK,
+                   help="tokens per chunk of the fused head + loss (0: plain logits)")  # fmt: skip
+    m.add_argument("--fused-optimizer", action="store_true", help="fused AdamW (no per-parameter temporary)")
+    m.add_argument(
+        "--gradient-as-bucket-view", action="store_true", help="DDP: gradients live in the buckets"
+    )
+    m.add_argument(
+        "--device", help=f"device whose memory and peak to plan for: {', '.join(DEVICE_MEMORY_MIB)}"
+    )
+    m.add_argument("--memory-gib", type=float, help="device memory in GiB (overrides --device's)")
+    t = parser.add_argument_group("wall-clock estimate (tokens = steps x batch size x seq len x gpus)")
+    t.add_argument("--tokens", type=float, help="training tokens, e.g. 15e12")
+    t.add_argument("--steps", type=int, help="optimizer steps (with --batch-size, --seq-len, --gpus)")
+    t.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation, 0..1")
+    t.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per GPU (default: --device's, bf16)")
+    o = parser.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    o.add_argument("--markdown", action="store_true", help="print markdown tables instead of rich ones")
+    o.add_argument("--calibrate", action="store_true",
+                   help="measure the peak memory of real CPU training steps of small models (single process "
+                   "and 2-rank gloo DDP/FSDP) against the estimate, and print the table (about a minute)")  # fmt: skip
+    overrides = parser.add_argument_group("model fields (override the preset)")
     for f in _OVERRIDES:
-        kind = {"multiple_of": int, "ffn_dim_multiplier": float, "norm_eps": float, "rope_theta": float}
-        flag = "--" + f.name.replace("_", "-")
-        if f.name in ("norm", "mlp", "pos"):
-            choices = {
-                "norm": ("rmsnorm", "layernorm"),
-                "mlp": ("swiglu", "gelu"),
-                "pos": ("rope", "learned"),
-            }
-            parser.add_argument(flag, choices=choices[f.name], help="override the preset")
-        else:
-            parser.add_argument(flag, type=kind.get(f.name, int), help="override the preset")
+        overrides.add_argument(
+            "--" + f.name.replace("_", "-"), help="override the preset", **_override_type(f)
+        )
     return parser
 
 
@@ -153,56 +290,164 @@ def _fmt_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def _list_presets(console: Any) -> None:
-    from rich.table import Table
+@dataclasses.dataclass
+class Table:
+    """A titled table of strings: rendered with rich on a terminal, or as markdown."""
 
-    table = Table(title="model presets (override any field with its flag)", caption="params with vocab 32000")
-    for col in ("preset", "dim", "layers", "heads", "kv", "norm", "mlp", "pos", "params"):
-        table.add_column(
-            col, justify="left" if col in ("preset", "norm", "mlp", "pos") else "right", no_wrap=True
-        )
-    for name, preset in PRESETS.items():
-        args = TransformerModelArgs(**preset, vocab_size=32000, seq_len=2048)
-        table.add_row(
-            name,
-            str(args.dim),
-            str(args.n_layers),
-            str(args.n_heads),
-            str(args.n_kv_heads),
-            args.norm,
-            args.mlp,
-            args.pos,
-            _fmt_count(count_parameters(args)["total"]),
-        )
-    console.print(table)
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+    bold_last: bool = False  # the last row is a total
 
 
-def main(argv: list[str]) -> int:
+_TEXT_COLUMNS = ("part", "shape", "note", "estimated peak at")
+
+
+def _render(tables: list[Table], lines: list[str], markdown: bool) -> None:
+    if markdown:
+        for table in tables:
+            print(f"**{table.title}**\n")
+            print(markdown_table(table.headers, table.rows))
+            if table.caption:
+                print(f"{table.caption}\n")
+        for line in lines:
+            print(f"- {line}")
+        return
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Table as RichTable
 
-    opts = _parser().parse_args(argv)
     # Pipes and CI logs get a fixed width instead of rich's 80 columns, so no cell is truncated.
-    console = Console(width=None if sys.stdout.isatty() else 120)
-    if opts.list:
-        _list_presets(console)
-        return 0
-    overrides = {f.name: getattr(opts, f.name) for f in _OVERRIDES if getattr(opts, f.name) is not None}
-    for flag in ("vocab_size", "seq_len"):
-        if getattr(opts, flag) < 1:
-            raise UserError(
-                f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(opts, flag)}"
-            )
-    cfg = ModelConfig(preset=opts.preset, **overrides)
-    args = model_args_from_config(cfg, vocab_size=opts.vocab_size, seq_len=opts.seq_len)
-    counts = count_parameters(args)
-    total = counts["total"]
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    for table in tables:
+        rt = RichTable(title=table.title, caption=table.caption or None)
+        for i, header in enumerate(table.headers):
+            text = i == 0 or header in _TEXT_COLUMNS
+            rt.add_column(header, justify="left" if text else "right", no_wrap=i == 0)
+        for i, row in enumerate(table.rows):
+            last = table.bold_last and i == len(table.rows) - 1
+            if last:
+                rt.add_section()
+            rt.add_row(*row, style="bold" if last else None)
+        console.print(rt)
+    for line in lines:
+        console.print(line)
 
-    title = f"{opts.preset}" + "".join(f" {k}={v}" for k, v in overrides.items())
-    table = Table(title=f"parameters: {title}, vocab {args.vocab_size}")
-    table.add_column("component", no_wrap=True)
-    table.add_column("parameters", justify="right")
-    table.add_column("share", justify="right")
+
+def _list_presets() -> Table:
+    rows = []
+    for name, preset in PRESETS.items():
+        vocab = NATIVE_VOCAB.get(name, DEFAULT_VOCAB)
+        args = TransformerModelArgs(**preset, vocab_size=vocab, seq_len=2048)
+        rows.append([name, str(args.dim), str(args.n_layers), str(args.n_heads), str(args.n_kv_heads), args.norm,
+                     args.mlp, args.pos, f"{vocab:,}", _fmt_count(count_parameters(args)["total"])])  # fmt: skip
+    return Table(
+        "model presets (override any field with its flag)",
+        ["preset", "dim", "layers", "heads", "kv", "norm", "mlp", "pos", "vocab", "params"],
+        rows,
+    )
+
+
+def _model_args(opts, preset: str, seq_len: int, overrides: dict) -> TransformerModelArgs:
+    vocab = opts.vocab_size or NATIVE_VOCAB.get(preset, DEFAULT_VOCAB)
+    return model_args_from_config(ModelConfig(preset=preset, **overrides), vocab_size=vocab, seq_len=seq_len)
+
+
+def _memory_kwargs(opts, seq_len: int) -> dict[str, Any]:
+    return dict(seq_len=seq_len, precision=opts.precision, strategy=opts.strategy, world_size=opts.gpus,
+                loss_chunk=opts.loss_chunk, fused_optimizer=opts.fused_optimizer,
+                gradient_as_bucket_view=opts.gradient_as_bucket_view)  # fmt: skip
+
+
+def _device_memory(opts) -> int | None:
+    if opts.memory_gib is not None:
+        return int(opts.memory_gib * 2**30)
+    return device_memory_bytes(opts.device) if opts.device else None
+
+
+def _peak_tflops(opts) -> float | None:
+    if opts.peak_tflops is not None:
+        return opts.peak_tflops
+    if opts.device:
+        dtype = (
+            torch.float32
+            if opts.precision == "fp32"
+            else torch.float16
+            if "fp16" in opts.precision
+            else torch.bfloat16
+        )
+        return table_peak_tflops(opts.device, dtype)
+    return None
+
+
+def _check(opts) -> None:
+    for flag in ("vocab_size", "seq_len", "batch_size", "gpus", "steps"):
+        value = getattr(opts, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+    if opts.loss_chunk < 0:
+        raise UserError(f"--loss-chunk must be >= 0 (0: plain logits), got {opts.loss_chunk}")
+    if not 0 < opts.mfu <= 1:
+        raise UserError(f"--mfu is a fraction of the peak in (0, 1], got {opts.mfu} (50% is 0.5)")
+    if opts.strategy == "single" and opts.gpus != 1:
+        raise UserError(f"--gpus {opts.gpus} needs --strategy ddp or fsdp (single runs one process)")
+    for flag in ("memory_gib", "tokens", "peak_tflops"):
+        value = getattr(opts, flag)
+        if value is not None and not value > 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
+    if opts.tokens is not None and opts.steps is not None:
+        raise UserError("give either --tokens or --steps, not both")
+    if (opts.tokens or opts.steps) and _peak_tflops(opts) is None:
+        raise UserError("the wall-clock estimate needs a peak: give --device (e.g. gh200) or --peak-tflops")
+    for seq in opts.sweep_seq or []:
+        if seq < 1:
+            raise UserError(f"--sweep-seq values must be positive integers, got {seq}")
+    if opts.presets and opts.sweep_seq:
+        raise UserError("give either --presets or --sweep-seq: one table varies one thing")
+
+
+def model_report(args: TransformerModelArgs, opts, seq_len: int) -> dict[str, Any]:
+    """Every number of `lmtrain params` for one model and sequence length (what --json prints)."""
+    counts = count_parameters(args)
+    matmuls = flops_breakdown(args, seq_len)
+    total_flops = flops_per_token(args, seq_len)
+    est = estimate_training_memory(args, batch_size=opts.batch_size, **_memory_kwargs(opts, seq_len))
+    report: dict[str, Any] = {
+        "model": dataclasses.asdict(args),
+        "ffn_hidden_dim": args.ffn_hidden_dim,
+        "parameters": counts,
+        "flops_per_token": {"total": total_flops, "matmuls": matmuls, "parts": flops_by_part(args, seq_len)},
+        "adamw_flops_per_step": adamw_flops_per_step(args),
+        "memory": {
+            "batch_size": opts.batch_size, "seq_len": seq_len, "precision": opts.precision,
+            "strategy": opts.strategy, "gpus": opts.gpus,
+            "terms": {name: value for name, value, _ in est.terms()},
+            "peak_bytes": est.peak, "peak_phase": est.peak_phase, "total_bytes": est.total,
+        },
+    }  # fmt: skip
+    memory = _device_memory(opts)
+    if memory is not None:
+        report["device_memory_bytes"] = memory
+        report["fits"] = est.total <= memory
+        report["largest_batch"] = largest_batch(args, memory, **_memory_kwargs(opts, seq_len))
+    peak = _peak_tflops(opts)
+    if opts.tokens or opts.steps:
+        tokens = opts.tokens or opts.steps * opts.batch_size * seq_len * opts.gpus
+        report["time"] = {
+            "tokens": tokens, "gpus": opts.gpus, "mfu": opts.mfu, "peak_tflops": peak,
+            "seconds": training_seconds(tokens, total_flops, opts.gpus, peak, opts.mfu),
+        }  # fmt: skip
+    return report
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.1f}%"
+
+
+def _single_tables(
+    args: TransformerModelArgs, opts, title: str, report: dict
+) -> tuple[list[Table], list[str]]:
+    counts, total = report["parameters"], report["parameters"]["total"]
     labels = dict(
         embedding="embedding (tok_embeddings)",
         positions="learned positions",
@@ -211,42 +456,151 @@ def main(argv: list[str]) -> int:
         norms=f"norms ({args.norm})",
         head="output head (untied)",
     )
-    for c in COMPONENTS:
-        if c == "positions" and counts[c] == 0:
-            continue
-        table.add_row(labels[c], f"{counts[c]:,}", f"{100 * counts[c] / total:.2f}%")
-    table.add_section()
-    table.add_row("total", f"{total:,}", "100.00%", style="bold")
-    table.add_row(
-        "excluding the embedding",
-        f"{counts['non_embedding']:,}",
-        f"{100 * counts['non_embedding'] / total:.2f}%",
+    rows = [[labels[c], f"{counts[c]:,}", _pct(counts[c], total)] for c in COMPONENTS
+            if not (c == "positions" and counts[c] == 0)]  # fmt: skip
+    rows.append(
+        ["excluding the embedding", f"{counts['non_embedding']:,}", _pct(counts["non_embedding"], total)]
     )
-    console.print(table)
+    rows.append(["total", f"{total:,}", "100.00%"])
+    tables = [Table(f"parameters: {title}, vocab {args.vocab_size}", ["component", "parameters", "share"], rows,
+                    bold_last=True)]  # fmt: skip
 
-    flops = flops_per_token(args, opts.seq_len)
-    attn = 12.0 * args.n_layers * args.n_heads * args.head_dim * opts.seq_len
-    console.print(f"training FLOPs per token at T={opts.seq_len}: {flops / 1e9:.2f} GFLOP")
-    console.print(f"  = 6N {6 * counts['non_embedding'] / 1e9:.2f} + attention 12*L*H*Q*T {attn / 1e9:.2f}")
+    flops = report["flops_per_token"]
+    T, C, F, q_dim = opts.seq_len, args.dim, args.ffn_hidden_dim, args.n_heads * args.head_dim
+    kv = args.n_kv_heads * args.head_dim
+    shapes = {"wq": f"{C} x {q_dim}", "wk": f"{C} x {kv}", "wv": f"{C} x {kv}", "wo": f"{q_dim} x {C}",
+              "scores (QK^T)": f"{args.n_heads} heads x {args.head_dim} x T={T}",
+              "values (AV)": f"{args.n_heads} heads x T={T} x {args.head_dim}",
+              "w1": f"{C} x {F}", "w3": f"{C} x {F}", "w2": f"{F} x {C}", "head": f"{C} x {args.vocab_size}",
+              "norms": "6 x norm weights (6N rule)"}  # fmt: skip
+    rows = [[name, MATMULS.get(name, "norms"), shapes[name], f"{value / 1e9:.3f}", _pct(value, flops["total"])]
+            for name, value in flops["matmuls"].items() if value]  # fmt: skip
+    rows.append(["total", "", "", f"{flops['total'] / 1e9:.3f}", "100.0%"])
+    tables.append(Table(
+        f"training FLOPs per token at T={T} (6 per multiply-add, x{args.n_layers} layers)",
+        ["matmul", "part", "shape", "GFLOP", "share"], rows,
+        caption="parts: " + ", ".join(f"{p} {_pct(v, flops['total'])}" for p, v in flops["parts"].items() if v)
+        + "; equals 6N + 12*L*H*Q*T (full, not causal-halved, attention)", bold_last=True,
+    ))  # fmt: skip
 
-    mem = memory_estimate(args, opts.seq_len)
-    mtable = Table(
-        title="training memory estimate (AdamW, no activation recomputation)",
-        caption="bf16: everything bf16, as the course; mixed: fp32 weights, gradients and moments, "
-        "bf16 compute (autocast keeps a bf16 copy of the weights until backward)",
+    mem = report["memory"]
+    est_notes = {name: note for name, _, note in
+                 estimate_training_memory(args, batch_size=opts.batch_size, **_memory_kwargs(opts, T)).terms()}  # fmt: skip
+    rows = [[name, _fmt_bytes(value), est_notes.get(name, "")] for name, value in mem["terms"].items()]
+    rows.append(
+        [f"peak per GPU ({mem['peak_phase']})", _fmt_bytes(mem["total_bytes"]), "tensor peak + GPU estimates"]
     )
-    mtable.add_column("", no_wrap=True)
-    for name in PRECISIONS:
-        mtable.add_column(name, justify="right", no_wrap=True)
-    rows = [
-        ("weights", "weights"),
-        ("gradients", "gradients"),
-        ("AdamW moments", "optimizer"),
-        ("weights+grads+AdamW", "states"),
-        ("activations / token", "activations_per_token"),
-        (f"activations / {opts.seq_len} tokens", "activations_per_sequence"),
-    ]
-    for label, key in rows:
-        mtable.add_row(label, *(_fmt_bytes(mem[p][key]) for p in PRECISIONS))
-    console.print(mtable)
+    per = f"{opts.strategy} x{opts.gpus}" if opts.gpus > 1 else opts.strategy
+    tables.append(Table(
+        f"training memory per GPU: {opts.precision}, {per}, batch {opts.batch_size} x {T}, AdamW"
+        f"{' fused' if opts.fused_optimizer else ''}, loss chunk {opts.loss_chunk}",
+        ["term", "bytes", "note"], rows,
+        caption="the peak is the largest moment of the step (end of forward, loss backward, final-norm "
+        "backward, optimizer step), not the sum of all terms", bold_last=True,
+    ))  # fmt: skip
+    return tables, _summary_lines(report)
+
+
+def _summary_lines(report: dict) -> list[str]:
+    lines = [f"AdamW step (with clipping): {report['adamw_flops_per_step'] / 1e9:.2f} GFLOP "
+             f"({ADAMW_FLOPS_PER_PARAMETER + CLIP_FLOPS_PER_PARAMETER} per parameter, memory bound)"]  # fmt: skip
+    if "largest_batch" in report:
+        memory, mem = report["device_memory_bytes"], report["memory"]
+        verdict = "fits" if report["fits"] else "does NOT fit"
+        lines.append(f"batch {mem['batch_size']} {verdict} in {_fmt_bytes(memory)}; largest batch that fits: "
+                     f"{report['largest_batch']} x {mem['seq_len']} tokens per GPU")  # fmt: skip
+    if "time" in report:
+        t = report["time"]
+        lines.append(f"{t['tokens']:.3g} tokens on {t['gpus']} GPU(s) at {100 * t['mfu']:.0f}% MFU of "
+                     f"{t['peak_tflops']:g} TFLOP/s: {_fmt_duration(t['seconds'])}")  # fmt: skip
+    return lines
+
+
+def _sweep_table(reports: list[tuple[str, dict]], opts, varying: str) -> Table:
+    rows = []
+    for label, r in reports:
+        flops, parts = r["flops_per_token"]["total"], r["flops_per_token"]["parts"]
+        m = r["flops_per_token"]["matmuls"]
+        row = [label, _fmt_count(r["parameters"]["total"]), f"{flops / 1e9:.2f}",
+               _pct(parts["attention"], flops), _pct(m["scores (QK^T)"] + m["values (AV)"], flops),
+               _pct(parts["feed_forward"], flops), _pct(parts["head"], flops),
+               _fmt_bytes(r["memory"]["total_bytes"])]  # fmt: skip
+        if "largest_batch" in r:
+            row.append(str(r["largest_batch"]))
+        if "time" in r:
+            row.append(_fmt_duration(r["time"]["seconds"]))
+        rows.append(row)
+    headers = [varying, "params", "GFLOP/token", "attention", "of which T^2", "feed-forward", "head",
+               f"memory (B={opts.batch_size})"]  # fmt: skip
+    if reports and "largest_batch" in reports[0][1]:
+        headers.append("largest batch")
+    if reports and "time" in reports[0][1]:
+        t = reports[0][1]["time"]
+        headers.append(f"time ({t['gpus']} GPU, {100 * t['mfu']:.0f}% MFU)")
+    seq = f"T={opts.seq_len}" if varying != "seq_len" else "across T"
+    return Table(
+        f"training FLOPs per token by part, {seq}; memory per GPU {opts.precision} {opts.strategy}",
+        headers, rows,
+        caption="attention = wq, wk, wv, wo + scores and values (full T x T); 'of which T^2' is the part that "
+        "grows with context",
+    )  # fmt: skip
+
+
+def _calibration(markdown: bool, as_json: bool) -> int:
+    rows = calibration_table(
+        calibration_cases(), progress=lambda text: print(text, file=sys.stderr, flush=True)
+    )
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(
+        "memory estimate against the measured peak of live CPU tensor bytes (2 training steps)",
+        ["config", "measured", "estimated", "error", "estimated peak at"],
+        [
+            [
+                r["config"],
+                _fmt_bytes(r["measured"]),
+                _fmt_bytes(r["estimated"]),
+                f"{100 * r['error']:+.1f}%",
+                r["phase"],
+            ]
+            for r in rows
+        ],  # fmt: skip
+        caption="DDP/FSDP rows: 2 gloo processes, the larger rank's peak",
+    )
+    _render([table], [], markdown)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    opts = _parser().parse_args(argv)
+    if opts.calibrate:
+        return _calibration(opts.markdown, opts.json)
+    if opts.list:
+        _render([_list_presets()], [], opts.markdown)
+        return 0
+    _check(opts)
+    overrides = {f.name: getattr(opts, f.name) for f in _OVERRIDES if getattr(opts, f.name) is not None}
+    if opts.presets or opts.sweep_seq:
+        if opts.presets:
+            runs = [(p, _model_args(opts, p, opts.seq_len, overrides), opts.seq_len) for p in opts.presets]
+            varying = "preset"
+        else:
+            args = _model_args(opts, opts.preset, max(opts.sweep_seq), overrides)
+            runs = [(f"T={t}", args, t) for t in opts.sweep_seq]
+            varying = "seq_len"
+        reports = [(label, model_report(args, opts, seq)) for label, args, seq in runs]
+        if opts.json:
+            print(json.dumps({label: r for label, r in reports}, indent=2))
+        else:
+            _render([_sweep_table(reports, opts, varying)], [], opts.markdown)
+        return 0
+    args = _model_args(opts, opts.preset, opts.seq_len, overrides)
+    report = model_report(args, opts, opts.seq_len)
+    if opts.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    title = f"{opts.preset}" + "".join(f" {k}={v}" for k, v in overrides.items())
+    tables, lines = _single_tables(args, opts, title, report)
+    _render(tables, lines, opts.markdown)
     return 0

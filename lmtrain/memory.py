@@ -11,6 +11,7 @@ API (pure functions: no memory is allocated, the model is counted on the meta de
     est.peak             # bytes of live tensors at the step's peak (what calibration measures)
     est.terms()          # [(name, bytes, note)] in display order, for tables
     largest_batch(args, device_memory_bytes("gh200"), seq_len=2048, ...)  # 0 when nothing fits
+    estimate_for_config(train_config, world_size=4, vocab_size=131072)     # as `lmtrain train` runs it
 
 `args` is a `TransformerModelArgs` (`model_args_from_config(cfg.model, ...)` builds it from a config).
 `precision`: "fp32" | "bf16" | "fp16" (weights, gradients and AdamW moments in that dtype, no autocast)
@@ -24,8 +25,10 @@ of SDPA with k and v repeated to all heads, the feed-forward's hidden tensors), 
 of `lmtrain.losses` (its fp32 weight gradient and the input gradient held from forward to backward,
 one `loss_chunk x vocab` block of logits at a time), and torch's AdamW (foreach keeps one temporary
 per parameter; fused keeps none). The peak is the largest of four moments of the step: the end of
-forward, the start of backward (the head's gradients join every saved activation), the first
-feed-forward backward, and the optimizer step (all gradients plus the optimizer's temporaries).
+forward (the loss's held gradients and logits chunks on top of every saved activation), the loss's
+backward, the final norm's backward (the first gradients join every saved activation), and the
+optimizer step (all gradients plus the optimizer's temporaries). Not modelled: document masking's
+(B, 1, T, T) mask, activation checkpointing, torch.compile's fusions (they only lower the peak).
 
 `measure_training_peak` measures the same quantity on CPU (the profiler's allocation events give the
 live bytes of the CPU allocator), for one process or gloo DDP/FSDP ranks; `calibration_table` compares
@@ -205,11 +208,7 @@ class MemoryEstimate:
         ]
         if self.strategy == "ddp":
             rows.append(
-                (
-                    "DDP buckets",
-                    self.ddp_buckets,
-                    "0: gradient_as_bucket_view" if not self.ddp_buckets else "",
-                )
+                ("DDP buckets", self.ddp_buckets, "the gradients live here" if not self.gradients else "")
             )
         if self.strategy == "fsdp":
             rows.append(("FSDP unsharded params", self.fsdp_unsharded, "root + 2 blocks gathered"))
@@ -376,6 +375,32 @@ def estimate_training_memory(
     return est
 
 
+def estimate_for_config(cfg, *, world_size: int = 1, vocab_size: int | None = None, device: str = "cuda"):
+    """The estimate for a `TrainConfig` as `lmtrain train` would run it on `world_size` processes:
+    its model, micro-batch, sequence length, precision, strategy, loss chunk and optimizer."""
+    from lmtrain.model import model_args_from_config
+
+    vocab = cfg.model.vocab_size or vocab_size
+    if vocab is None:
+        raise UserError(
+            "the memory estimate needs the vocabulary size: set model.vocab_size or pass vocab_size"
+        )
+    seq_len = cfg.data.sequence_length
+    args = model_args_from_config(cfg.model, vocab_size=vocab, seq_len=cfg.model.seq_len or seq_len)
+    precision = f"amp-{cfg.precision.amp}" if cfg.precision.amp != "none" else cfg.precision.model_dtype
+    return estimate_training_memory(
+        args,
+        batch_size=cfg.data.batch_size,
+        seq_len=seq_len,
+        precision=precision,
+        strategy=cfg.distributed.strategy if world_size > 1 else "single",
+        world_size=world_size,
+        loss_chunk=cfg.training.loss_chunk,
+        fused_optimizer=cfg.optim.fused,
+        device=device,
+    )
+
+
 def largest_batch(args: TransformerModelArgs, memory_bytes: int, *, limit: int = 1 << 16, **kwargs) -> int:
     """The largest per-process batch whose estimate fits `memory_bytes` (0 when not even 1 fits).
     `kwargs` are those of `estimate_training_memory` other than batch_size."""
@@ -504,9 +529,11 @@ def _distributed_worker(rank: int, cases: list[CalibrationCase], port: int, out:
     dist.destroy_process_group()
 
 
-def measure_training_peak(cases: list[CalibrationCase]) -> list[int]:
+def measure_training_peak(cases: list[CalibrationCase], progress=None) -> list[int]:
     """Measured peak bytes per process of each case (the largest over ranks for DDP/FSDP, whose
-    ranks are real gloo processes on this host, spawned once per world size)."""
+    ranks are real gloo processes on this host, spawned once per world size). `progress(text)` is
+    called before each measurement."""
+    say = progress or (lambda text: None)
     import socket
     import tempfile
 
@@ -515,9 +542,11 @@ def measure_training_peak(cases: list[CalibrationCase]) -> list[int]:
     peaks: dict[int, int] = {}
     for i, case in enumerate(cases):
         if case.world_size == 1:
+            say(f"measuring {i + 1}/{len(cases)}: {case.label()}")
             peaks[i] = peak_allocated_bytes(functools.partial(_train_steps, case))
     for world in sorted({c.world_size for c in cases if c.world_size > 1}):
         index = [i for i, c in enumerate(cases) if c.world_size == world]
+        say(f"measuring {len(index)} configurations on {world} gloo processes")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -531,20 +560,19 @@ def measure_training_peak(cases: list[CalibrationCase]) -> list[int]:
     return [peaks[i] for i in range(len(cases))]
 
 
-def calibration_cases(quick: bool = False) -> list[CalibrationCase]:
+def calibration_cases() -> list[CalibrationCase]:
     """Small models across batch, sequence, precision, loss chunk, optimizer and strategy."""
     llama = TransformerModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
                                  multiple_of=64, ffn_dim_multiplier=None, seq_len=256)  # fmt: skip
     gpt = dataclasses.replace(llama, norm="layernorm", mlp="gelu", pos="learned", n_kv_heads=4)
-    cases = [
+    wide = dataclasses.replace(llama, dim=256, n_layers=4, n_heads=8, vocab_size=2048, multiple_of=256)
+    return [
         CalibrationCase(llama, 4, 128, "fp32"),
         CalibrationCase(llama, 8, 256, "bf16"),
         CalibrationCase(llama, 4, 128, "amp-bf16"),
         CalibrationCase(gpt, 4, 256, "fp32", fused_optimizer=True),
-    ]
-    if quick:
-        return cases
-    return cases + [
+        CalibrationCase(wide, 2, 256, "bf16"),
+        CalibrationCase(wide, 4, 256, "amp-bf16", fused_optimizer=True),
         CalibrationCase(llama, 1, 64, "fp32"),
         CalibrationCase(llama, 16, 256, "fp32", loss_chunk=128),
         CalibrationCase(llama, 4, 128, "fp32", loss_chunk=0),
@@ -558,9 +586,9 @@ def calibration_cases(quick: bool = False) -> list[CalibrationCase]:
     ]
 
 
-def calibration_table(cases: list[CalibrationCase]) -> list[dict]:
+def calibration_table(cases: list[CalibrationCase], progress=None) -> list[dict]:
     """[{config, measured, estimated, error}] with error = estimated / measured - 1."""
-    measured = measure_training_peak(cases)
+    measured = measure_training_peak(cases, progress)
     rows = []
     for case, peak in zip(cases, measured):
         est = case.estimate()

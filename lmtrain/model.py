@@ -120,6 +120,10 @@ NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
 POSITIONS = ("rope", "learned")
 
+# GPT-2's block, shared by its sizes.
+_GPT2_BLOCK = dict(multiple_of=256, ffn_dim_multiplier=None, norm_eps=1e-5, rope_theta=10000.0, norm="layernorm",
+                   mlp="gelu", pos="learned")  # fmt: skip
+
 # Every preset names every architecture field except vocab_size and seq_len, which come from the
 # tokenizer and the data (or from explicit overrides).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -144,6 +148,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         dim=768, n_layers=12, n_heads=12, n_kv_heads=12, multiple_of=256, ffn_dim_multiplier=None,
         norm_eps=1e-5, rope_theta=10000.0, norm="layernorm", mlp="gelu", pos="learned",
     ),
+    # The larger GPT-2 sizes (350M, 774M, 1.5B with GPT-2's vocabulary): head dim 64 throughout.
+    "gpt2-medium": dict(_GPT2_BLOCK, dim=1024, n_layers=24, n_heads=16, n_kv_heads=16),
+    "gpt2-large": dict(_GPT2_BLOCK, dim=1280, n_layers=36, n_heads=20, n_kv_heads=20),
+    "gpt2-xl": dict(_GPT2_BLOCK, dim=1600, n_layers=48, n_heads=25, n_kv_heads=25),
 }  # fmt: skip
 
 

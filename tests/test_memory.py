@@ -15,6 +15,7 @@ from lmtrain.memory import (
     calibration_cases,
     calibration_table,
     device_memory_bytes,
+    estimate_for_config,
     estimate_training_memory,
     largest_batch,
     peak_allocated_bytes,
@@ -131,3 +132,23 @@ def test_calibration_single_process_within_15_percent():
 @pytest.mark.slow
 def test_calibration_gloo_ddp_and_fsdp_within_15_percent():
     _assert_within(calibration_table([c for c in calibration_cases() if c.world_size > 1]))
+
+
+def test_estimate_for_a_train_config_reads_its_sections():
+    from lmtrain.config import TrainConfig
+
+    cfg = TrainConfig()
+    cfg.data.batch_size, cfg.data.sequence_length, cfg.distributed.strategy = 2, 2048, "fsdp"
+    cfg.precision.model_dtype, cfg.precision.amp, cfg.optim.fused = "fp32", "bf16", True
+    est = estimate_for_config(cfg, world_size=4, vocab_size=131072)
+    assert (est.precision, est.strategy, est.world_size, est.batch_size, est.seq_len) == (
+        "amp-bf16",
+        "fsdp",
+        4,
+        2,
+        2048,
+    )
+    assert est.optimizer_step == 0 and est.weights == 4 * N_8B // 4
+    assert estimate_for_config(cfg, world_size=1, vocab_size=131072).strategy == "single"
+    with pytest.raises(UserError, match="vocabulary size"):
+        estimate_for_config(cfg, world_size=1)
