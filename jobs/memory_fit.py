@@ -3,7 +3,7 @@ of the cluster profile, the data-parallel strategy that fits, and the change tha
 
     python -m jobs.submit --exp fused --cluster clariden --dry-run --account ACCOUNT job.gpus=4
 
-The estimate is `lmtrain.memory.estimate_training_memory` (calibrated within 15% of measured CPU peaks;
+The estimate is `lmtrain.memory.estimate_for_config` (calibrated within 15% of measured CPU peaks;
 its CUDA context, NCCL buffer and fragmentation terms are estimates for GPUs only, not measured here).
 A model whose vocabulary comes from a tokenizer only the job loads is estimated with the course
 tokenizer's 131072 entries.
@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 from jobs.spec import ClusterProfile, JobPlan
 from lmtrain.config import TrainConfig
-from lmtrain.memory import MemoryEstimate, estimate_training_memory, largest_batch
-from lmtrain.model import model_args_from_config
+from lmtrain.memory import MemoryEstimate, estimate_for_config
 
 COURSE_VOCAB_SIZE = 131072
 # DDP is chosen only where its estimate, 15% larger (the estimator's calibration tolerance), still fits:
@@ -26,29 +25,12 @@ DDP_FIT_MARGIN = 1.15
 GIB = 2**30
 
 
-def precision_name(train: TrainConfig) -> str:
-    prec = train.precision
-    return f"amp-{prec.amp}" if prec.amp != "none" else prec.model_dtype
-
-
 def estimate(train: TrainConfig, world_size: int, strategy: str, **changes) -> MemoryEstimate:
-    """Per-GPU bytes of `train` run by `world_size` processes with `strategy` (single, ddp, fsdp);
-    `changes` replace batch_size or seq_len."""
-    seq = changes.get("seq_len", train.data.sequence_length)
-    args = model_args_from_config(
-        train.model, vocab_size=train.model.vocab_size or COURSE_VOCAB_SIZE, seq_len=seq
-    )
-    return estimate_training_memory(
-        args,
-        batch_size=changes.get("batch_size", train.data.batch_size),
-        seq_len=seq,
-        precision=precision_name(train),
-        strategy="single" if world_size == 1 else strategy,
-        world_size=world_size,
-        loss_chunk=train.training.loss_chunk,
-        fused_optimizer=train.optim.fused,
-        gradient_as_bucket_view=True,  # as lmtrain.distributed wraps DDP
-    )
+    """Per-GPU bytes of `train` run by `world_size` processes with `strategy` (ddp, fsdp; one process is
+    always single); `changes` replace data.batch_size or data.sequence_length."""
+    data = dataclasses.replace(train.data, **changes)
+    cfg = dataclasses.replace(with_strategy(train, strategy), data=data)
+    return estimate_for_config(cfg, world_size=world_size, vocab_size=COURSE_VOCAB_SIZE)
 
 
 def device_bytes(cluster: ClusterProfile, plan: JobPlan) -> int | None:
@@ -112,20 +94,19 @@ def suggest_fit(train: TrainConfig, plan: JobPlan, device: int) -> str:
             out.append("distributed.strategy=fsdp")
     elif plan.world_size == 1 and estimate(train, 4, "fsdp").total <= device:
         out.append("job.gpus=4 (FSDP2 shards the model over them)")
-    strategy = train.distributed.strategy if plan.world_size > 1 else "single"
-    seq = train.data.sequence_length
-    args = model_args_from_config(
-        train.model, vocab_size=train.model.vocab_size or COURSE_VOCAB_SIZE, seq_len=seq
-    )
-    batch = largest_batch(
-        args, device, seq_len=seq, precision=precision_name(train), strategy=strategy,
-        world_size=plan.world_size, loss_chunk=train.training.loss_chunk, fused_optimizer=train.optim.fused,
-        gradient_as_bucket_view=True,
-    )  # fmt: skip
-    if 0 < batch < train.data.batch_size:
-        out.append(f"data.batch_size={batch}")
-    shorter = seq // 2
-    while shorter >= 128 and estimate(train, plan.world_size, strategy, seq_len=shorter).total > device:
+    strategy = train.distributed.strategy
+
+    def fits(**change) -> bool:
+        return estimate(train, plan.world_size, strategy, **change).total <= device
+
+    low, high = 0, train.data.batch_size - 1  # the largest batch that fits, by bisection
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(batch_size=mid) else (low, mid - 1)
+    if low >= 1:
+        out.append(f"data.batch_size={low}")
+    shorter = train.data.sequence_length // 2
+    while shorter >= 128 and not fits(sequence_length=shorter):
         shorter //= 2
     if shorter >= 128:
         out.append(f"data.sequence_length={shorter}")
