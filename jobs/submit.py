@@ -665,7 +665,9 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    if args.resume:
+    if args.resume is not None:
+        if not args.resume.strip():
+            raise UserError("no run directory to resume: make resume RUN=<run dir> (make status lists them)")
         other = [o for o in args.overrides if not o.startswith("job.time=")]
         if args.exp or other or args.array or args.dry_run:
             raise UserError(

@@ -190,6 +190,8 @@ def test_resume_and_cancel_refuse_a_running_job_and_an_ended_one(tmp_path):
 def test_resume_refuses_what_it_cannot_resume(tmp_path):
     out = jobs_cli(tmp_path, "jobs.submit", "--resume", str(tmp_path))
     assert out.returncode == 2 and "is not a submitted run directory (no job.json)" in out.stderr
+    empty = jobs_cli(tmp_path, "jobs.submit", "--resume", "")
+    assert empty.returncode == 2 and "no run directory to resume: make resume RUN=<run dir>" in empty.stderr
     extra = jobs_cli(tmp_path, "jobs.submit", "--resume", str(tmp_path), "optim.lr=1")
     assert extra.returncode == 2 and "takes job.time=HH:MM:SS and --wait, not optim.lr=1" in extra.stderr
 
