@@ -571,3 +571,14 @@ def test_bad_array_specs(bad):
 
     with pytest.raises(UserError, match="--array"):
         parse_array([bad])
+
+
+def test_an_explicit_output_dir_is_the_run_directory(tmp_path):
+    mine = tmp_path / "my-run"
+    run = prepare("smoke", "local", [f"training.output_dir={mine}", f"data.dataset={tmp_path}"], dry_run=True)
+    assert run.plan.run_dir == str(mine) and run.train.training.output_dir == str(mine)
+    assert run.plan.submitit_folder == f"{mine}/submitit"
+    other = prepare(
+        "smoke", "local", [f"job.output_root={tmp_path}", f"data.dataset={tmp_path}"], dry_run=True
+    )
+    assert Path(other.plan.run_dir).parent == tmp_path / "smoke"  # without it: a new directory per run
