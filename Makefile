@@ -13,7 +13,7 @@ STAMP := $(VENV)/.lmtrain-installed
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-fast lint format train bench clean submit dry-run status logs cancel report ablation sweep
+.PHONY: help setup test test-fast lint format train bench clean submit dry-run status logs cancel report ablation sweep resume
 
 EXP ?= smoke
 CLUSTER ?= clariden
@@ -54,23 +54,28 @@ bench: setup  ## run every benchmark (each prints a ratio against a baseline fro
 	@for b in $$($(PY) -c "from lmtrain.bench import available; print(' '.join(available()))"); do \
 	  echo "== lmtrain bench $$b"; $(PY) -m lmtrain bench $$b || exit 1; done
 
-submit: setup  ## submit an experiment: make submit EXP=fused [CLUSTER=clariden] [ARGS="key=value ..."]
-	$(PY) -m jobs.submit --exp $(EXP) --cluster $(CLUSTER) $(ARGS)
+# The job targets run without echoing the command, so that lmtrain's own error line is the last line
+# before make's "Error 2".
+submit: setup  ## submit an experiment: make submit EXP=fused [CLUSTER=clariden] [ARGS="key=value ... --wait"]
+	@$(PY) -m jobs.submit --exp $(EXP) --cluster $(CLUSTER) $(ARGS)
 
 dry-run: setup  ## print the sbatch script, EDF and command of an experiment without submitting
-	$(PY) -m jobs.submit --exp $(EXP) --cluster $(CLUSTER) --dry-run $(ARGS)
+	@$(PY) -m jobs.submit --exp $(EXP) --cluster $(CLUSTER) --dry-run $(ARGS)
 
-status: setup  ## your queued and running jobs
-	$(PY) -m jobs.status
+resume: setup  ## continue a run in its own directory from its newest checkpoint: make resume RUN=<run dir>
+	@$(PY) -m jobs.submit --resume "$(RUN)" $(ARGS)
 
-logs: setup  ## the log of the newest run of an experiment: make logs EXP=fused
-	$(PY) -m jobs.logs --exp $(EXP)
+status: setup  ## your queued and running jobs, recent submissions, and why a failed one failed
+	@$(PY) -m jobs.status
+
+logs: setup  ## a run's logs: make logs EXP=fused | RUN=<run dir> [RANK=1|all] [ERR=1 | BOTH=1]
+	@$(PY) -m jobs.logs $(if $(RUN),--run "$(RUN)",--exp $(EXP)) $(if $(RANK),--rank $(RANK)) $(if $(ERR),--err) $(if $(BOTH),--both)
 
 cancel: setup  ## cancel a job: make cancel JOB=12345
-	$(PY) -m jobs.cancel $(JOB)
+	@$(PY) -m jobs.cancel $(JOB)
 
 report: setup  ## nsys export + GEMM report of the newest profiled run: make report EXP=profile
-	$(PY) -m jobs.report --exp $(EXP)
+	@$(PY) -m jobs.report --exp $(EXP)
 
 ablation: setup  ## the 7-run ablation study: make ablation [STEPS=300] [CLUSTER=local|clariden]
 	$(PY) -m jobs.ablation $(if $(filter command line,$(origin CLUSTER)),--cluster $(CLUSTER)) $(if $(STEPS),--steps $(STEPS)) $(ARGS)

@@ -446,7 +446,14 @@ def submit_array(
         study_edf = out_dir.resolve() / "env.toml"
         env = dict(first.plan.env)
         write_edf(
-            render_edf(read_edf(first.edf_source), str(out_dir.resolve()), first.plan.workdir, env), study_edf
+            render_edf(
+                read_edf(first.edf_source),
+                str(out_dir.resolve()),
+                first.plan.workdir,
+                env,
+                first.cluster.variables(),
+            ),
+            study_edf,
         )
         params["srun_args"] = [
             f"--environment={study_edf}" if a.startswith("--environment=") else a for a in params["srun_args"]

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from jobs.status import job_states
+from jobs.status import FINAL_STATES, job_states
 from jobs.submit import slurm_problem
 from lmtrain.errors import UserError
 
@@ -23,6 +23,13 @@ def cancel(job_id: str, wait_s: float = 60.0) -> str:
     problem = slurm_problem()
     if problem:
         raise UserError(problem)
+    before = job_states([job_id]).get(job_id)
+    if before is None:
+        raise UserError(
+            f"job {job_id} is not known to Slurm: nothing cancelled (`make status` lists your jobs)"
+        )
+    if before.startswith(FINAL_STATES):
+        raise UserError(f"job {job_id} has already ended ({before}): nothing to cancel")
     out = subprocess.run(["scancel", job_id], capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
         raise UserError(f"scancel {job_id} failed: {out.stderr.strip()} (check the id with `make status`)")

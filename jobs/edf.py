@@ -3,10 +3,20 @@
     python -m jobs.edf check toml_envs/ngc_pt_jan.toml
 
 Fields: `image` (registry reference `[USER@][REGISTRY#]IMAGE[:TAG]` or a `.sqsh` path), `mounts` (list of
-`SRC:DST[:FLAGS]`), `workdir`, `writable`, `entrypoint`, `base_environment` (a name or path, or a list;
-names are searched beside the file and in ~/.edf), `[env]` (string values), `[annotations]` (string
-values, e.g. the aws_ofi_nccl hook). A run's EDF is the cluster's EDF plus a mount of the run directory
-and the checkout, the checkout as workdir and the job's environment variables.
+`SRC:DST[:FLAGS]`, or a bare path mounted at the same place), `workdir`, `writable`, `entrypoint`,
+`base_environment` (a name or path, or a list; names are searched beside the file and in ~/.edf), `[env]`
+(string values), `[annotations]` (string values, e.g. the aws_ofi_nccl hook).
+
+Annotation keys are dotted names. CSCS's documentation writes them unquoted, `com.hooks.ssh.enabled =
+"true"` under `[annotations]`, or as a table `[annotations.com.hooks.ssh]`; TOML reads both as nested
+tables, which `read_edf` turns back into the dotted names (`"com.hooks.ssh.enabled"`).
+
+`${VAR}` in fields expands from the environment (as the container engine does), plus the variables a
+cluster profile defines (`COURSE_STORE`). The image file and the mount sources are checked where this
+host can see their file system; paths on a file system it cannot see (/capstor on a laptop) only warn.
+
+A run's EDF is the cluster's EDF with the profile's variables expanded, plus a mount of the run
+directory and the checkout, the checkout as workdir and the job's environment variables.
 """
 
 from __future__ import annotations
@@ -45,14 +55,76 @@ def _fail(path: Path | str, key: str, msg: str) -> EdfError:
     return EdfError(f"{path}: field '{key}': {msg} (expected {FIELDS.get(key, 'a documented field')})")
 
 
+def dotted_names(table: Mapping[str, Any], path: Path | str, key: str, prefix: str = "") -> dict[str, Any]:
+    """Nested TOML tables -> {"a.b.c": value}: `a.b.c = "x"` and `[annotations.a.b] c = "x"` both nest."""
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            inner = dotted_names(v, path, key, f"{name}.")
+        else:
+            inner = {name: v}
+        for n in inner:
+            if n in out:
+                raise _fail(path, key, f"{n!r} is set twice (once quoted, once as nested keys)")
+        out.update(inner)
+    return out
+
+
 def read_edf(path: str | os.PathLike) -> dict[str, Any]:
+    """The EDF as a dict, with annotation keys as their dotted names."""
     path = Path(path)
     if not path.is_file():
         raise EdfError(f"container environment file not found: {path} (check the path, or job.environment)")
     try:
-        return tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise EdfError(f"{path}: not valid TOML: {exc}") from None
+    if isinstance(data.get("annotations"), dict):
+        data["annotations"] = dotted_names(data["annotations"], path, "annotations")
+    return data
+
+
+_VAR_RE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+
+
+def expand(text: str, variables: Mapping[str, str]) -> str:
+    """`${VAR}` / `$VAR` from `variables`; unknown ones stay as they are."""
+    return _VAR_RE.sub(lambda m: variables.get(m.group(1) or m.group(2), m.group(0)), text)
+
+
+def _file_system_visible(p: str) -> bool:
+    """Whether this host sees the file system of absolute path `p` (its top-level directory exists)."""
+    parts = Path(p).parts
+    return len(parts) >= 2 and Path(parts[0], parts[1]).is_dir()
+
+
+def missing_files(
+    data: Mapping[str, Any], path: Path | str, variables: Mapping[str, str]
+) -> tuple[list[str], set[str]]:
+    """(problems, unseen): the image file and mount sources that do not exist on a file system this host
+    sees, and the top-level directories of those it cannot check from here."""
+    problems: list[str] = []
+    unseen: set[str] = set()
+    wanted: list[tuple[str, str]] = []
+    image = data.get("image")
+    if isinstance(image, str) and image.endswith(".sqsh"):
+        wanted.append(("image", image))
+    for m in data.get("mounts", []) if isinstance(data.get("mounts"), list) else []:
+        if isinstance(m, str):
+            wanted.append(("mounts", parse_mount(m)[0]))
+    for key, raw in wanted:
+        p = expand(raw, variables)
+        if "$" in p or not p.startswith("/"):
+            continue  # a variable only the job's environment has
+        if not _file_system_visible(p):
+            unseen.add("/" + Path(p).parts[1])
+        elif not Path(p).exists():
+            what = "image file" if key == "image" else "mount source"
+            problems.append(
+                f"{path}: field '{key}': {what} {p} does not exist" + (f" ({raw})" if raw != p else "")
+            )
+    return problems, unseen
 
 
 def parse_mount(spec: str) -> tuple[str, str, list[str]]:
@@ -86,10 +158,17 @@ def resolve_base(name: str, edf_dir: Path, search: list[Path]) -> Path | None:
 
 
 def check_edf(
-    path: str | os.PathLike, search: list[Path] | None = None, _seen: tuple[Path, ...] = ()
+    path: str | os.PathLike,
+    search: list[Path] | None = None,
+    variables: Mapping[str, str] | None = None,
+    _seen: tuple[Path, ...] = (),
 ) -> list[str]:
-    """Validate an EDF (and the base environments it names). Returns warnings; raises EdfError."""
+    """Validate an EDF (and the base environments it names). Returns warnings; raises EdfError.
+
+    `variables` expand `${VAR}` in the image and mount paths before their files are looked for
+    (default: the environment)."""
     path = Path(path).resolve()
+    variables = os.environ if variables is None else variables
     if path in _seen:
         raise EdfError(f"{path}: field 'base_environment': inheritance cycle through {path.name}")
     data = read_edf(path)
@@ -133,14 +212,14 @@ def check_edf(
                 raise _fail(
                     path, "mounts", f"entry {m!r}: unknown flag(s) {bad}; valid: {sorted(MOUNT_FLAGS)}"
                 )
-            if ":" not in m:
-                warnings.append(f"{path}: mounts entry {m!r} has no ':DST'; write it as {m}:{m}")
     for key in ("env", "annotations"):
         if key in data:
             table = data[key]
             if not isinstance(table, dict):
                 raise _fail(path, key, f"got {type(table).__name__} {table!r} (write a [{key}] table)")
             for k, v in table.items():
+                if key == "env" and isinstance(v, dict):
+                    raise _fail(path, key, f"{k!r} is a table: environment variable names have no dots")
                 if not isinstance(v, str):
                     raise _fail(path, key, f'{k} = {v!r} is not a string (quote it: {k} = "{v}")')
     if "base_environment" in data:
@@ -153,7 +232,15 @@ def check_edf(
             if found is None:
                 where = ", ".join(str(s) for s in [path.parent, *search])
                 raise _fail(path, "base_environment", f"'{name}' not found (searched {where})")
-            warnings += check_edf(found, search, (*_seen, path))
+            warnings += check_edf(found, search, variables, (*_seen, path))
+    problems, unseen = missing_files(data, path, variables)
+    if problems:
+        raise EdfError("; ".join(problems))
+    if unseen:
+        warnings.append(
+            f"{path}: {', '.join(sorted(unseen))} is not mounted on this host: the image and mount sources "
+            "there are not checked (they are on the cluster)"
+        )
     return warnings
 
 
@@ -181,13 +268,23 @@ def path_is_mounted(p: str, edf: Mapping[str, Any]) -> bool:
     return _covered(p, list(edf.get("mounts", [])))
 
 
-def render_edf(base: Mapping[str, Any], run_dir: str, workdir: str, env: Mapping[str, str]) -> dict[str, Any]:
-    """The per-run EDF: `base` plus mounts of the run directory and checkout, workdir and env."""
+def render_edf(
+    base: Mapping[str, Any],
+    run_dir: str,
+    workdir: str,
+    env: Mapping[str, str],
+    variables: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The per-run EDF: `base` with `variables` expanded in its image and mounts, plus mounts of the run
+    directory and checkout, workdir and env."""
+    variables = variables or {}
     out = {
         k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
         for k, v in base.items()
     }
-    mounts = list(out.get("mounts", []))
+    if isinstance(out.get("image"), str):
+        out["image"] = expand(out["image"], variables)
+    mounts = [expand(m, variables) for m in out.get("mounts", [])]
     for p in (run_dir, workdir):
         if not _covered(p, mounts):
             mounts.append(f"{p}:{p}")
@@ -208,18 +305,30 @@ def write_edf(data: Mapping[str, Any], path: str | os.PathLike) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] != "check":
-        print("usage: python -m jobs.edf check FILE.toml", file=sys.stderr)
-        return 2
+    import argparse
+
+    from jobs.spec import load_cluster
+
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.edf", description="Check a container environment file."
+    )
+    parser.add_argument("action", choices=["check"])
+    parser.add_argument("file", help="the EDF (.toml)")
+    parser.add_argument(
+        "--cluster",
+        default="clariden",
+        help="profile whose variables (COURSE_STORE) expand in paths (default: clariden)",
+    )
+    args = parser.parse_args(argv)
     try:
-        warnings = check_edf(argv[1]) + environment_path_warnings(argv[1])
+        variables = {**os.environ, **load_cluster(args.cluster).variables()}
+        warnings = check_edf(args.file, variables=variables) + environment_path_warnings(args.file)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
-    print(f"{argv[1]}: valid container environment file")
+    print(f"{args.file}: valid container environment file")
     return 0
 
 

@@ -30,6 +30,7 @@ from lmtrain.config import (
     config_from_dict,
     config_to_dict,
     deep_merge,
+    flatten_keys,
     load_yaml_with_bases,
     read_yaml,
     suggest,
@@ -72,8 +73,12 @@ def _named_file(kind: str, name: str, folder: Path, valid: list[str]) -> Path:
 
 
 def parse_time(value: Any, key: str = "job.time") -> int:
-    """A Slurm time limit (`MM`, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS`) -> whole minutes
-    (seconds round up)."""
+    """A Slurm time limit -> whole minutes (seconds round up)."""
+    return -(-parse_seconds(value, key) // 60)
+
+
+def parse_seconds(value: Any, key: str = "job.time") -> int:
+    """A Slurm time limit (`MM`, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS`) -> seconds."""
     text = str(value).strip()
     bad = UserError(
         f"{key} = {value!r} is not a Slurm time limit: write HH:MM:SS (e.g. 00:14:59), MM or D-HH:MM:SS"
@@ -96,15 +101,21 @@ def parse_time(value: Any, key: str = "job.time") -> int:
     seconds = ((d * 24 + h) * 60 + mi) * 60 + s
     if seconds <= 0:
         raise UserError(f"{key} = {value!r} must be longer than zero")
-    return -(-seconds // 60)
+    return seconds
+
+
+def format_seconds(seconds: int) -> str:
+    """Seconds -> the Slurm time limit `HH:MM:SS` (`D-HH:MM:SS` from a day on): 899 -> 00:14:59."""
+    m, sec = divmod(seconds, 60)
+    h, m = divmod(m, 60)
+    if h >= 24:
+        d, h = divmod(h, 24)
+        return f"{d}-{h:02d}:{m:02d}:{sec:02d}"
+    return f"{h:02d}:{m:02d}:{sec:02d}"
 
 
 def format_minutes(minutes: int) -> str:
-    h, m = divmod(minutes, 60)
-    if h >= 24:
-        d, h = divmod(h, 24)
-        return f"{d}-{h:02d}:{m:02d}:00"
-    return f"{h:02d}:{m:02d}:00"
+    return format_seconds(minutes * 60)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,15 +130,17 @@ _CLUSTER_KEYS = {
     "account_required": "true (default) if jobs need an account",
     "default_partition": "partition used when the experiment does not name one",
     "partitions": "mapping name -> {max_time: HH:MM:SS, max_nodes: N}",
-    "node": "{gpus, cpus, mem_mb} of one node",
+    "node": "{gpus, cpus, mem_mb, gpu_mem_mb} of one node (gpu_mem_mb: memory of one GPU, optional)",
     "defaults": "{gpus_per_node, tasks_per_node, cpus_per_task, mem_mb} of one job",
     "cpu_bind": "srun --cpu-bind value, or null",
-    "numactl": "{args, when: always | if-installed | never}, or null",
+    "numactl": "{args, per_rank, when: always | if-installed | never}, or null; per_rank (optional) replaces "
+    "args when a node runs more than one task, {local_rank} standing for the task's local rank",
     "nsys": "available | if-installed | unavailable",
     "python": "Python command inside the job (null: the Python running jobs.submit)",
     "output_root": "where run directories go ($VARS expand at submission)",
     "environment": "container environment file (EDF) passed to srun --environment, or null",
     "env": "environment variables exported for the job",
+    "course_store": "directory of the course's shared files (datasets, images): ${COURSE_STORE} in EDFs and data paths",
 }
 
 
@@ -157,12 +170,19 @@ class ClusterProfile:
     cpu_bind: str | None
     numactl_args: str | None
     numactl_when: str
+    numactl_per_rank: str | None
     nsys: str
     python: str | None
     output_root: str
     environment: str | None
     env: dict[str, str]
     source: str
+    course_store: str | None = None
+    gpu_mem_mb: int | None = None
+
+    def variables(self) -> dict[str, str]:
+        """`${NAME}` values this profile defines for EDF paths and data paths."""
+        return {"COURSE_STORE": self.course_store} if self.course_store else {}
 
 
 def _expect(cond: bool, source: str, key: str, what: str, value: Any) -> None:
@@ -201,27 +221,30 @@ def cluster_from_dict(data: Mapping[str, Any], source: str) -> ClusterProfile:
     _expect(default_partition in partitions, source, "default_partition", f"one of {list(partitions)}",
             default_partition)  # fmt: skip
 
-    def section(key: str, names: tuple[str, ...]) -> dict[str, int]:
+    def section(key: str, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, int]:
         sec = data[key]
         _expect(isinstance(sec, dict), source, key, "a mapping", sec)
-        extra = sorted(set(sec) - set(names))
+        extra = sorted(set(sec) - set(names) - set(optional))
         if extra:
-            raise UserError(f"{source}: {key}: unknown key(s) {extra}; valid: {', '.join(names)}")
+            raise UserError(f"{source}: {key}: unknown key(s) {extra}; valid: {', '.join(names + optional)}")
         out = {}
-        for n in names:
+        for n in names + tuple(o for o in optional if o in sec):
             v = sec.get(n)
             _expect(_is_int(v) and v >= 0, source, f"{key}.{n}", "an integer >= 0", v)
             out[n] = v
         return out
 
-    node = section("node", ("gpus", "cpus", "mem_mb"))
+    node = section("node", ("gpus", "cpus", "mem_mb"), optional=("gpu_mem_mb",))
     defaults = section("defaults", ("gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_mb"))
     numactl = data.get("numactl")
-    numactl_args, numactl_when = None, "never"
+    numactl_args, numactl_when, numactl_per_rank = None, "never", None
     if numactl is not None:
-        _expect(isinstance(numactl, dict) and set(numactl) <= {"args", "when"}, source, "numactl",
-                "a mapping {args, when}", numactl)  # fmt: skip
+        _expect(isinstance(numactl, dict) and set(numactl) <= {"args", "per_rank", "when"}, source, "numactl",
+                "a mapping {args, per_rank, when}", numactl)  # fmt: skip
         numactl_args = str(numactl.get("args", ""))
+        numactl_per_rank = numactl.get("per_rank")
+        _expect(numactl_per_rank is None or "{local_rank}" in str(numactl_per_rank), source,
+                "numactl.per_rank", "a string naming {local_rank}", numactl_per_rank)  # fmt: skip
         numactl_when = numactl.get("when", "always")
         _expect(numactl_when in ("always", "if-installed", "never"), source, "numactl.when",
                 "always, if-installed or never", numactl_when)  # fmt: skip
@@ -231,7 +254,7 @@ def cluster_from_dict(data: Mapping[str, Any], source: str) -> ClusterProfile:
     env = data.get("env") or {}
     _expect(isinstance(env, dict) and all(isinstance(v, str) for v in env.values()), source, "env",
             "a mapping of strings", env)  # fmt: skip
-    for key in ("account", "account_env", "python", "environment", "cpu_bind"):
+    for key in ("account", "account_env", "python", "environment", "cpu_bind", "course_store"):
         v = data.get(key)
         _expect(v is None or (isinstance(v, str) and v), source, key, "a non-empty string or null", v)
     account_required = data.get("account_required", True)
@@ -254,12 +277,15 @@ def cluster_from_dict(data: Mapping[str, Any], source: str) -> ClusterProfile:
         cpu_bind=data.get("cpu_bind"),
         numactl_args=numactl_args,
         numactl_when=numactl_when,
+        numactl_per_rank=numactl_per_rank,
         nsys=nsys,
         python=data.get("python"),
         output_root=str(data["output_root"]),
         environment=data.get("environment"),
         env={str(k): v for k, v in env.items()},
         source=source,
+        course_store=data.get("course_store"),
+        gpu_mem_mb=node.get("gpu_mem_mb"),
     )
 
 
@@ -274,7 +300,8 @@ def load_cluster(name: str) -> ClusterProfile:
 
 _JOB_KEYS: dict[str, str] = {
     "name": "Slurm job name (default lmtrain-<experiment>)",
-    "nodes": "number of nodes",
+    "nodes": "number of nodes (more than one: whole nodes, one task per GPU, unless job.gpus says otherwise)",
+    "gpus": "GPUs per node, one task each (the course's experiments: 1; job.gpus=4 for a whole GH200 node)",
     "time": "time limit HH:MM:SS",
     "partition": "partition (default: the cluster's)",
     "account": "Slurm account (default: the cluster's, or its account environment variable)",
@@ -289,6 +316,7 @@ _JOB_KEYS: dict[str, str] = {
     "signal_delay_s": "seconds before the time limit at which Slurm signals the job to checkpoint",
     "constraint": "Slurm --constraint",
     "qos": "Slurm --qos",
+    "memory_check": "refuse to submit when the per-GPU memory estimate exceeds the GPU (false: submit anyway)",
 }
 
 
@@ -296,6 +324,7 @@ _JOB_KEYS: dict[str, str] = {
 class JobSpec:
     name: str | None = None
     nodes: int = 1
+    gpus: int | None = None
     time: str = "00:30:00"
     partition: str | None = None
     account: str | None = None
@@ -310,6 +339,7 @@ class JobSpec:
     signal_delay_s: int = 90
     constraint: str | None = None
     qos: str | None = None
+    memory_check: bool = True
 
 
 def job_from_dict(data: Mapping[str, Any] | None, source: str) -> JobSpec:
@@ -323,7 +353,7 @@ def job_from_dict(data: Mapping[str, Any] | None, source: str) -> JobSpec:
     out: dict[str, Any] = {}
     for key, value in data.items():
         default = getattr(JobSpec, key)
-        if key in ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_mb", "max_num_timeout",
+        if key in ("nodes", "gpus", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_mb", "max_num_timeout",
                    "signal_delay_s"):  # fmt: skip
             if value is None and default is None:
                 out[key] = None
@@ -333,11 +363,11 @@ def job_from_dict(data: Mapping[str, Any] | None, source: str) -> JobSpec:
             minimum = 1 if key in ("nodes", "tasks_per_node", "cpus_per_task") else 0
             if not _is_int(value) or value < minimum:
                 raise UserError(f"{source}: job.{key} = {value!r} must be an integer >= {minimum}")
-        elif key == "nsys":
+        elif key in ("nsys", "memory_check"):
             if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
                 value = value.lower() in ("true", "yes", "1")
             if not isinstance(value, bool):
-                raise UserError(f"{source}: job.nsys = {value!r} must be true or false")
+                raise UserError(f"{source}: job.{key} = {value!r} must be true or false")
         elif key == "time":
             parse_time(value, f"{source}: job.time")
             value = str(value)
@@ -360,6 +390,7 @@ class Experiment:
     train: TrainConfig
     job: JobSpec
     source: str
+    set_keys: frozenset[str] = frozenset()  # training keys the experiment file or an override sets
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -406,9 +437,11 @@ def load_experiment(name: str, overrides: list[str] | None = None) -> Experiment
                 )
     data = deep_merge(data, over)
     train = config_from_dict(data, source="overrides" if over else str(path))
+    if {"gpus", "gpus_per_node"} & set(job_over):  # an override of either replaces the file's GPU count
+        job = {k: v for k, v in job.items() if k not in ("gpus", "gpus_per_node")}
     spec = job_from_dict({**job, **job_over}, "overrides" if job_over else str(path))
     exp_name = path.stem
-    return Experiment(exp_name, train, spec, str(path))
+    return Experiment(exp_name, train, spec, str(path), frozenset(flatten_keys(data)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,7 +456,7 @@ class JobPlan:
     job_name: str
     account: str | None
     partition: str
-    minutes: int
+    seconds: int  # the time limit, kept to the second (00:14:59 stays 00:14:59)
     nodes: int
     tasks_per_node: int
     gpus_per_node: int
@@ -452,8 +485,13 @@ class JobPlan:
         return self.nodes * self.gpus_per_node
 
     @property
+    def minutes(self) -> int:
+        """The time limit in whole minutes, rounded up (submitit's unit)."""
+        return -(-self.seconds // 60)
+
+    @property
     def time(self) -> str:
-        return format_minutes(self.minutes)
+        return format_seconds(self.seconds)
 
     @property
     def submitit_folder(self) -> str:
@@ -471,9 +509,10 @@ class JobPlan:
 
     def setup_lines(self) -> list[str]:
         """Shell lines run in the batch script before srun (submitit's `setup`)."""
-        # Slurm may deliver the step signal (USR2) before srun has started a step, e.g. right after a
-        # requeue near a short time limit: the batch shell must survive it (USR2 would kill it).
-        lines = ["trap '' USR2"]
+        # Slurm may deliver the step signal (USR2; USR1 where a site preempts with it) before srun has
+        # started a step, e.g. right after a requeue near a short time limit: the batch shell must
+        # survive it (either would kill it).
+        lines = ["trap '' USR1 USR2"]
         lines += [f"export {k}={shlex.quote(v)}" for k, v in self.env]
         # The task runs `jobs.task` / `lmtrain.train` from the checkout, installed or not.
         lines.append(f"export PYTHONPATH={shlex.quote(self.workdir)}${{PYTHONPATH:+:$PYTHONPATH}}")
@@ -491,7 +530,13 @@ class JobPlan:
             signal_delay_s=self.signal_delay_s,
             srun_args=self.srun_args(),
             setup=self.setup_lines(),
-            additional_parameters={"mem": str(self.mem_mb), "chdir": self.workdir},
+            # submitit's `time` is whole minutes; the exact limit goes to sbatch as written.
+            additional_parameters={
+                "mem": str(self.mem_mb),
+                "chdir": self.workdir,
+                "time": self.time,
+                "requeue": True,
+            },  # fmt: skip
         )
         if self.account:
             params["account"] = self.account
@@ -563,8 +608,8 @@ def make_plan(
             f"valid: {', '.join(cluster.partitions)}"
         )
     part = cluster.partitions[partition]
-    minutes = parse_time(spec.time)
-    if part.max_minutes is not None and minutes > part.max_minutes:
+    seconds = parse_seconds(spec.time)
+    if part.max_minutes is not None and seconds > part.max_minutes * 60:
         raise UserError(
             f"job.time = {spec.time} exceeds the {format_minutes(part.max_minutes)} limit of partition "
             f"'{partition}' on {cluster.name}: shorten job.time or pick another job.partition"
@@ -573,15 +618,25 @@ def make_plan(
         raise UserError(
             f"job.nodes = {spec.nodes} exceeds the {part.max_nodes}-node limit of partition '{partition}'"
         )
-    gpus = cluster.default_gpus_per_node if spec.gpus_per_node is None else spec.gpus_per_node
+    if spec.gpus is not None and spec.gpus_per_node is not None and spec.gpus != spec.gpus_per_node:
+        raise UserError(
+            f"job.gpus = {spec.gpus} and job.gpus_per_node = {spec.gpus_per_node} disagree: set only job.gpus"
+        )
+    explicit_gpus = spec.gpus if spec.gpus is not None else spec.gpus_per_node
+    if explicit_gpus is not None:
+        gpus = explicit_gpus
+    elif spec.nodes > 1 and cluster.node_gpus:
+        gpus = cluster.node_gpus  # several nodes: whole nodes
+    else:
+        gpus = cluster.default_gpus_per_node
     if gpus > cluster.node_gpus:
         raise UserError(
-            f"job.gpus_per_node = {gpus} but a {cluster.name} node has {cluster.node_gpus} GPUs: "
+            f"job.gpus = {gpus} but a {cluster.name} node has {cluster.node_gpus} GPUs: "
             f"use at most {cluster.node_gpus} per node and more job.nodes"
         )
     if spec.tasks_per_node is not None:
         tasks = spec.tasks_per_node
-    elif spec.gpus_per_node is not None and gpus > 0:
+    elif (explicit_gpus is not None or spec.nodes > 1) and gpus > 0:
         tasks = gpus  # one task per GPU
     else:
         tasks = cluster.default_tasks_per_node
@@ -614,17 +669,15 @@ def make_plan(
             )
         command += nsys_command(run_dir, world)
     if cluster.numactl_args is not None and _tool_present("numactl", cluster.numactl_when, which):
-        command += ["numactl", *shlex.split(cluster.numactl_args)]
+        # One task binds its memory to every NUMA node it may use (the course's --membind=0-3); with one
+        # task per GPU each rank binds CPUs and memory to its own GPU's node (GH200: GPU i <-> node i).
+        per_rank = tasks > 1 and cluster.numactl_per_rank
+        command += ["numactl", *shlex.split(cluster.numactl_per_rank if per_rank else cluster.numactl_args)]
     py = python or cluster.python or "python3"
     command += [py, "-m", "lmtrain.train", "--config", f"{run_dir}/config.yaml"]
     env = dict(cluster.env)
     env.setdefault("OMP_NUM_THREADS", str(cpus))
-    if minutes < 10:
-        warnings.append(
-            f"job.time = {spec.time} is under 10 minutes: submitit then counts every preemption signal as "
-            f"a time-out, so the job is requeued at most job.max_num_timeout = {spec.max_num_timeout} times"
-        )
-    if spec.signal_delay_s >= minutes * 60:
+    if spec.signal_delay_s >= seconds:
         raise UserError(
             f"job.signal_delay_s = {spec.signal_delay_s} is not shorter than job.time = {spec.time}: "
             "lower job.signal_delay_s"
@@ -640,7 +693,7 @@ def make_plan(
         job_name=spec.name or f"lmtrain-{exp.name}",
         account=account,
         partition=partition,
-        minutes=minutes,
+        seconds=seconds,
         nodes=spec.nodes,
         tasks_per_node=tasks,
         gpus_per_node=gpus,
@@ -662,13 +715,37 @@ def make_plan(
     )
 
 
-def resolved_train_config(exp: Experiment, run_dir: str, cwd: str) -> TrainConfig:
-    """The training config the job runs: pinned to the run directory and resuming in place."""
+def expand_cluster_paths(d: dict, cluster: ClusterProfile) -> None:
+    """`${COURSE_STORE}` (and the profile's other variables) in data.dataset / data.tokenizer, in place."""
+    from jobs.edf import expand
+
+    variables = cluster.variables()
+    for key in ("dataset", "tokenizer"):
+        value = d["data"].get(key)
+        if not isinstance(value, str) or "$" not in value:
+            continue
+        value = expand(value, variables)
+        if "${" in value:
+            name = value[value.index("${") + 2 : value.index("}", value.index("${"))]
+            raise UserError(
+                f"data.{key} = {d['data'][key]!r} uses ${{{name}}}, which cluster '{cluster.name}' does not "
+                f"define ({cluster.source}): set data.{key}=PATH, or add course_store: to the profile"
+            )
+        d["data"][key] = value
+
+
+def resolved_train_config(
+    exp: Experiment, run_dir: str, cwd: str, cluster: ClusterProfile | None = None
+) -> TrainConfig:
+    """The training config the job runs: pinned to the run directory and resuming in place, with the
+    cluster's path variables expanded."""
     train = dataclasses.replace(exp.train)
     d = config_to_dict(train)
     d["training"]["output_dir"] = run_dir
     if d["checkpoint"]["resume"] == "none":
         d["checkpoint"]["resume"] = "auto"
+    if cluster is not None:
+        expand_cluster_paths(d, cluster)
     dataset = d["data"]["dataset"]
     if dataset and not os.path.isabs(dataset) and "://" not in dataset:
         local = Path(cwd) / dataset

@@ -1,4 +1,5 @@
-"""Your queued and running Slurm jobs, and the recent lmtrain submissions with their state.
+"""Your queued and running Slurm jobs, and the recent lmtrain submissions with their state (and, for a
+failed one, its error line).
 
 python -m jobs.status [--all]
 """
@@ -9,7 +10,9 @@ import argparse
 import getpass
 import subprocess
 import sys
+import time
 
+from jobs.logs import FAILED_STATES, failure_cause
 from jobs.runs import entries
 from jobs.submit import slurm_problem
 from lmtrain.errors import UserError
@@ -31,6 +34,24 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
     return states
 
 
+# States in which a job will not run again by itself.
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED")  # fmt: skip
+
+
+def wait_for(job_id: str, poll_s: float = 2.0, log=None) -> str:
+    """Wait until Slurm reports job `job_id` in a final state (requeues included); returns it."""
+    last = None
+    while True:
+        state = job_states([job_id]).get(job_id, "?")
+        if state != last and log is not None and state != "?":
+            log(f"job {job_id}: {state}")
+        last = state
+        if state.startswith(FINAL_STATES):
+            return state
+        time.sleep(poll_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.status", description=__doc__.splitlines()[0])
     parser.add_argument("--all", action="store_true", help="all recorded submissions, not only the last 10")
@@ -49,7 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         print("\nlmtrain submissions (newest last):")
         for e in recent:
             state = states.get(e["job_id"], "?")
-            print(f"  {e['job_id']:>10}  {state:<11} {e['experiment']:<24} {e['cluster']:<10} {e['run_dir']}")
+            what = f"{e['experiment']} (resumed)" if e.get("resumed") else e["experiment"]
+            print(f"  {e['job_id']:>10}  {state:<11} {what:<24} {e['cluster']:<10} {e['run_dir']}")
+            if state.startswith(FAILED_STATES) and state != "CANCELLED":
+                cause = failure_cause(e.get("log_dir") or f"{e['run_dir']}/submitit", e["job_id"])
+                if cause is not None and cause.error_line:
+                    print(f"{'':14}cause (rank {cause.rank}): {cause.error_line}")
+                print(f"{'':14}logs: make logs RUN={e['run_dir']} ERR=1")
     return 0
 
 

@@ -1,18 +1,22 @@
-"""What one Slurm task of an lmtrain job runs: the training command, with checkpoint-and-requeue.
+"""What one Slurm task of an lmtrain job runs: the training command, stopped cleanly for a requeue.
 
     python -m jobs.task RUN_DIR        # inside an allocation (the standalone RUN/job.sbatch does this)
 
-Under submitit the job is a `TrainTask` (a `submitit.helpers.Checkpointable`): `__call__` exports the
-torch.distributed variables (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK) of this Slurm task, runs
-the task command (`[nsys ...] [numactl ...] python -m lmtrain.train --config RUN/config.yaml`) as a
-child process and returns the run's summary.json. When Slurm signals the job before its time limit
-(or on preemption), submitit calls `checkpoint()`: it signals the trainer, waits until it has saved
-and exited (`EXIT_REQUEUE`), and returns the resubmission of the same task; submitit requeues the job,
-which starts again in the same run directory and resumes (`checkpoint.resume: auto`).
+Standalone (RUN/job.sbatch, the default where a container runs the task or the time limit is under 10
+minutes): `main` exports the torch.distributed variables (MASTER_ADDR/PORT, RANK, WORLD_SIZE,
+LOCAL_RANK) of this Slurm task and runs the task command (`[nsys ...] [numactl ...] python -m
+lmtrain.train --config RUN/config.yaml`) as a child process. On USR2 (Slurm's signal before the time
+limit, and on preemption) or USR1 it lets the trainer save and stop, and exits with the trainer's
+EXIT_REQUEUE; the batch script, outside the container, requeues the job. Nothing here needs Slurm's
+tools, so an image without `scontrol` works.
 
-Note: submitit decides "timed out" versus "preempted" from the elapsed time; with a time limit under
-10 minutes every signal counts as a time-out, and a job is requeued after a time-out at most
-`job.max_num_timeout` times.
+Under submitit the job is a `TrainTask` (a `submitit.helpers.Checkpointable`): `__call__` does the same
+and returns the run's summary.json; on the signal submitit calls `checkpoint()`, which stops the trainer
+and returns the resubmission of the same task, and submitit requeues the job. submitit decides "timed
+out" versus "preempted" from the elapsed time: with a time limit under 10 minutes every signal counts as
+a time-out, which is why such jobs go through the batch script.
+
+Either way the job starts again in the same run directory and resumes (`checkpoint.resume: auto`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from jobs.spec import EXIT_REQUEUE
 
 # The signal Slurm sends before the time limit (#SBATCH --signal=USR2@N); the trainer saves on it.
 STOP_SIGNAL = signal.SIGUSR2
+# Signals that ask the task to stop for a requeue: USR1 (some sites preempt with it) is taken like USR2.
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 def read_summary(run_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -55,6 +61,11 @@ def export_distributed_env() -> dict[str, str]:
         "WORLD_SIZE": str(dist.world_size),
         "LOCAL_RANK": str(dist.local_rank),
     }
+
+
+def rank_command(command: list[str], local_rank: str) -> list[str]:
+    """The task command of one rank: `{local_rank}` (per-rank NUMA binding) becomes the rank's number."""
+    return [arg.replace("{local_rank}", local_rank) for arg in command]
 
 
 class TrainTask(submitit.helpers.Checkpointable):
@@ -84,7 +95,9 @@ class TrainTask(submitit.helpers.Checkpointable):
         # Remember a SIGTERM (otherwise ignored, as submitit does: the trainer handles it itself) so
         # that a cancelled job is not mistaken for one to requeue.
         signal.signal(signal.SIGTERM, self._on_sigterm)
-        self._proc = subprocess.Popen(self.command)
+        # submitit listens on USR2 only: USR1 takes the same path.
+        signal.signal(signal.SIGUSR1, lambda s, f: os.kill(os.getpid(), STOP_SIGNAL))
+        self._proc = subprocess.Popen(rank_command(self.command, env["LOCAL_RANK"]))
         # Poll rather than wait(): a signal handler that runs meanwhile (checkpoint) must be able to reap
         # the child, and Popen.wait() holds a lock that would make it wait out its whole timeout.
         while (rc := self._proc.poll()) is None:
@@ -161,23 +174,38 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m jobs.task RUN_DIR", file=sys.stderr)
         return 2
-    task, max_requeues = load_task(argv[0])
-    rank = int(os.environ.get("SLURM_PROCID", "0"))
+    task, _ = load_task(argv[0])
+    env = export_distributed_env()
+    received: list[str] = []
 
     def on_stop(signum, frame):  # noqa: ARG001
-        rc = task.stop_child()
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        if rank == 0 and restarts < max_requeues and os.environ.get("SLURM_JOB_ID"):
-            print(f"lmtrain task: trainer stopped (exit {rc}); requeueing", flush=True)
-            subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=False, timeout=60)
-        raise SystemExit(EXIT_REQUEUE)
+        received.append(signal.Signals(signum).name)
+        task.stop_child()
 
-    signal.signal(STOP_SIGNAL, on_stop)
+    for sig in REQUEUE_SIGNALS:
+        signal.signal(sig, on_stop)
     signal.signal(signal.SIGTERM, lambda s, f: None)  # the trainer handles SIGTERM itself
-    summary = task()
-    if summary is not None and rank == 0:
-        print(f"lmtrain task: summary {json.dumps(summary)}", flush=True)
-    return 0
+    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+    command = rank_command(task.command, env["LOCAL_RANK"])
+    print(
+        f"lmtrain task rank {env['RANK']}/{env['WORLD_SIZE']} (restart {restart}): {' '.join(command)}",
+        flush=True,
+    )
+    task._proc = subprocess.Popen(command)
+    while (rc := task._proc.poll()) is None:  # poll: the handler reaps the child itself
+        time.sleep(0.2)
+    if rc == EXIT_REQUEUE:
+        why = f" on {received[0]}" if received else ""
+        print(f"lmtrain task: the trainer saved a checkpoint and stopped{why} (exit {rc})", flush=True)
+    elif rc != 0:
+        print(
+            f"lmtrain task: error: training exited with code {rc} (rank {env['RANK']})",
+            file=sys.stderr,
+            flush=True,
+        )
+    elif env["RANK"] == "0":
+        print(f"lmtrain task: summary {json.dumps(read_summary(task.run_dir))}", flush=True)
+    return rc
 
 
 if __name__ == "__main__":

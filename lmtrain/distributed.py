@@ -158,6 +158,11 @@ def init_distributed(cfg: DistributedConfig, device: torch.device, env: DistEnv)
     )
 
 
+# DDP's gradients are views into its all-reduce buckets instead of a second full-size copy (lmtrain.memory
+# counts them that way).
+DDP_GRADIENT_AS_BUCKET_VIEW = True
+
+
 def wrap_model(model: nn.Module, cfg: DistributedConfig, env: DistEnv, device: torch.device) -> nn.Module:
     """DDP or FSDP2 for more than one process; the model unchanged for one."""
     if not env.distributed:
@@ -165,7 +170,8 @@ def wrap_model(model: nn.Module, cfg: DistributedConfig, env: DistEnv, device: t
     if cfg.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        return DDP(model, device_ids=device_ids, gradient_as_bucket_view=DDP_GRADIENT_AS_BUCKET_VIEW)
     from torch.distributed.fsdp import fully_shard
 
     # Shard each transformer block separately, then the rest (embeddings, norm, head) at the root.

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmtrain.distributed import DDP_GRADIENT_AS_BUCKET_VIEW
 from lmtrain.errors import UserError
 from lmtrain.model import Transformer, TransformerModelArgs
 
@@ -405,6 +406,7 @@ def estimate_for_config(cfg, *, world_size: int = 1, vocab_size: int | None = No
         world_size=world_size,
         loss_chunk=cfg.training.loss_chunk,
         fused_optimizer=cfg.optim.fused,
+        gradient_as_bucket_view=DDP_GRADIENT_AS_BUCKET_VIEW,
         device=device,
     )
 
@@ -457,7 +459,8 @@ class CalibrationCase:
         return estimate_training_memory(
             self.args, batch_size=self.batch_size, seq_len=self.seq_len, precision=self.precision,
             strategy=self.strategy, world_size=self.world_size, loss_chunk=self.loss_chunk,
-            fused_optimizer=self.fused_optimizer, device="cpu",
+            fused_optimizer=self.fused_optimizer, gradient_as_bucket_view=DDP_GRADIENT_AS_BUCKET_VIEW,
+            device="cpu",
         )  # fmt: skip
 
 

@@ -58,8 +58,12 @@ def golden_plan(exp, overrides=(), cluster="clariden"):
     [
         ("baseline", "baseline", []),
         ("fused", "fused", []),
-        ("profile", "profile", []),
+        ("compile", "compile", []),
+        ("seq4096", "seq4096", []),
+        ("fused-compile-seq4096", "fused-compile-seq4096", []),
+        ("fused-4gpus", "fused", ["job.gpus=4"]),
         ("fused-2nodes", "fused", ["job.nodes=2", "job.time=01:00:00"]),
+        ("profile", "profile", []),
     ],
 )
 def test_sbatch_matches_golden(name, exp, overrides):
@@ -91,7 +95,17 @@ def test_golden_content_is_the_clariden_layout():
     srun = next(line for line in text.splitlines() if line.startswith("srun "))
     assert "--environment=/iopsstor/scratch/cscs/alice/lmtrain/runs/fused/golden/env.toml" in srun
     assert "--cpus-per-task=72" in srun
-    assert "numactl --membind=0-3 python3 -m lmtrain.train" in text
+    # four tasks per node: each rank binds CPUs and memory to its own GPU's NUMA node
+    assert "numactl '--cpunodebind={local_rank}' '--membind={local_rank}' python3 -m lmtrain.train" in text
+    for name in ("baseline", "fused", "compile", "seq4096", "fused-compile-seq4096"):
+        one = (GOLDEN / f"{name}.sbatch").read_text()  # the course's runs: one task on one GPU
+        for line in ("#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=1", "#SBATCH --nodes=1"):
+            assert line in one, (name, line)
+        assert "numactl --membind=0-3 python3 -m lmtrain.train" in one
+    assert "#SBATCH --time=00:14:59" in (GOLDEN / "baseline.sbatch").read_text()  # kept to the second
+    assert "#SBATCH --time=00:29:59" in (GOLDEN / "compile.sbatch").read_text()
+    four = (GOLDEN / "fused-4gpus.sbatch").read_text()
+    assert "#SBATCH --ntasks-per-node=4" in four and "#SBATCH --gpus-per-task=1" in four
     profile = (GOLDEN / "profile.sbatch").read_text()
     assert (
         "nsys profile -s none -w true --trace=nvtx,cudnn,cublas,cuda --capture-range=cudaProfilerApi"
@@ -99,7 +113,7 @@ def test_golden_content_is_the_clariden_layout():
     )
     assert "-o /iopsstor/scratch/cscs/alice/lmtrain/runs/profile/golden/trace numactl" in profile
     assert "#SBATCH --gpus-per-node=1" in profile  # one GH200, as the course profiles
-    multi = render_sbatch(golden_plan("profile", ["job.gpus_per_node=4", "job.tasks_per_node=4"]))
+    multi = render_sbatch(golden_plan("profile", ["job.gpus=4"]))
     assert "golden/trace_rank%q{RANK}" in multi  # one trace per rank
 
 
@@ -119,7 +133,7 @@ def test_standalone_script_has_the_same_options_as_submitit():
     theirs.pop("wckey", None)
     for key in ("output", "error"):  # submitit's %j_0_log.out pattern, same folder
         assert mine.pop(key) == theirs.pop(key)
-    assert parse_time(mine.pop("time")[0]) == int(theirs.pop("time")[0])  # 00:15:00 vs minutes
+    assert mine.pop("time") == theirs.pop("time") == ["00:14:59"]  # to the second through submitit too
     assert mine == theirs
     sub_srun = shlex.split(next(line for line in sub.splitlines() if line.startswith("srun ")))
     mine_srun = shlex.split(
@@ -203,7 +217,9 @@ def test_experiments_carry_the_course_settings():
         "constant",
     )
     assert b.data.tokenizer == "unsloth/Mistral-Nemo-Base-2407-bnb-4bit"
-    assert b.data.dataset.endswith(".parquet") and b.data.dataset.startswith("/capstor/")
+    assert b.data.dataset == "${COURSE_STORE}/datasets/train_data.parquet"
+    on_clariden = prepare("baseline", "clariden", environ=ENV, dry_run=True, run_dir="/iopsstor/r").train
+    assert on_clariden.data.dataset == "/capstor/store/cscs/ethz/large-sc-2/datasets/train_data.parquet"
     assert load_experiment("fused").train.optim.fused is True
     assert load_experiment("compile").train.training.compile is True
     assert load_experiment("seq4096").train.data.sequence_length == 4096
@@ -268,9 +284,37 @@ def test_time_limits():
             parse_time(bad)
 
 
-def test_short_time_limit_is_explained():
-    plan = golden_plan("smoke", ["job.time=00:05:00", "job.signal_delay_s=30"])
-    assert any("under 10 minutes" in w for w in plan.warnings)
+def test_who_requeues_a_job():
+    from jobs.submit import requeue_owner
+
+    def local(over=()):
+        return make_plan(load_experiment("smoke", list(over)), load_cluster("local"), "/r", WORKDIR, {}, None)
+
+    assert requeue_owner(golden_plan("fused")) == "sbatch"  # a container: the batch script, outside it
+    assert requeue_owner(local()) == "submitit"  # 00:10:00 and no container: submitit's path works
+    short = local(["job.time=00:05:00", "job.signal_delay_s=30"])
+    assert requeue_owner(short) == "sbatch"  # under 10 minutes submitit would count preemptions as time-outs
+    with pytest.raises(
+        UserError, match=r"--via submitit with job.time = 00:05:00: under 10 minutes submitit"
+    ):
+        requeue_owner(short, "submitit")
+    with pytest.raises(
+        UserError, match=r"--via submitit: submitit requeues from inside the task, here inside"
+    ):
+        requeue_owner(golden_plan("fused"), "submitit")
+
+
+def test_the_batch_script_requeues_outside_the_container_on_exit_85():
+    text = (GOLDEN / "fused.sbatch").read_text()
+    srun_at = text.index("\nsrun ")
+    after = text[srun_at:]
+    assert (
+        after.index("rc=$?")
+        < after.index('if [ "$rc" -eq 85 ]')
+        < after.index('scontrol requeue "$SLURM_JOB_ID"')
+    )
+    assert "trap '' USR1 USR2" in text[:srun_at]
+    assert '"scontrol"' not in Path(REPO / "jobs/task.py").read_text()  # the task never calls it
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -314,13 +358,107 @@ def test_time_over_partition_limit():
 
 
 def test_more_gpus_than_a_node_has():
-    with pytest.raises(UserError, match=r"job.gpus_per_node = 8 but a clariden node has 4 GPUs"):
-        golden_plan("fused", ["job.gpus_per_node=8"])
+    with pytest.raises(UserError, match=r"job.gpus = 8 but a clariden node has 4 GPUs"):
+        golden_plan("fused", ["job.gpus=8"])
+    with pytest.raises(
+        UserError, match=r"job.gpus = 2 and job.gpus_per_node = 4 disagree: set only job.gpus"
+    ):
+        golden_plan("fused", ["job.gpus=2", "job.gpus_per_node=4"])
 
 
 def test_more_cpus_than_a_node_has():
     with pytest.raises(UserError, match=r"4 x 100 = 400 CPUs.*has 288"):
-        golden_plan("fused", ["job.cpus_per_task=100"])
+        golden_plan("fused", ["job.gpus=4", "job.cpus_per_task=100"])
+
+
+def test_course_experiments_run_one_task_on_one_gpu_and_more_is_explicit():
+    for exp in ("baseline", "fused", "compile", "seq4096", "fused-compile-seq4096", "profile"):
+        plan = golden_plan(exp)
+        assert (plan.nodes, plan.tasks_per_node, plan.gpus_per_node, plan.world_size) == (1, 1, 1, 1), exp
+    assert golden_plan("baseline").time == "00:14:59"
+    four = golden_plan("fused", ["job.gpus=4"])
+    assert (four.tasks_per_node, four.gpus_per_task, four.world_size) == (4, 1, 4)
+    two_nodes = golden_plan("fused", ["job.nodes=2"])  # several nodes: whole nodes
+    assert (two_nodes.tasks_per_node, two_nodes.world_size) == (4, 8)
+    assert golden_plan("fused", ["job.nodes=2", "job.gpus=1"]).world_size == 2
+
+
+def test_multi_gpu_picks_fsdp_for_8b_and_ddp_where_a_replica_fits(tmp_path):
+    def prepared(exp, over):
+        return prepare(exp, "clariden", over, environ=ENV, dry_run=True, run_dir=str(tmp_path / exp))
+
+    one = prepared("fused", [])
+    assert one.strategy_note is None and one.train.distributed.strategy == "ddp"  # nothing to shard
+    eight_b = prepared("fused", ["job.gpus=4"])
+    assert eight_b.train.distributed.strategy == "fsdp"
+    assert (
+        "fsdp (chosen: DDP needs ~83.9 GiB per GPU, x1.15 = 96.5 GiB > 95.6 GiB of one GPU)"
+        in eight_b.strategy_note
+    )
+    assert eight_b.memory.fits and eight_b.memory.estimate.strategy == "fsdp"
+    small = prepared("fused", ["job.gpus=4", "model.preset=gpt2-small"])
+    assert small.train.distributed.strategy == "ddp" and small.strategy_note.startswith("ddp (chosen")
+    kept = prepared("fused", ["job.gpus=4", "distributed.strategy=ddp"])
+    assert kept.train.distributed.strategy == "ddp" and "set by the experiment" in kept.strategy_note
+
+
+def test_memory_estimate_next_to_the_gpu_in_dry_run_and_submit_refuses_what_does_not_fit(tmp_path, capsys):
+    run = prepare("baseline", "clariden", environ=ENV, dry_run=True, run_dir=str(tmp_path / "b"))
+    assert run.memory.fits and run.memory.device == 97871 * 2**20
+    print_dry_run(run)
+    out = capsys.readouterr().out
+    assert "memory per GPU (lmtrain.memory estimate;" in out
+    assert "AdamW moments" in out and "cuda context" in out and "one GPU (cluster profile)" in out
+    assert "memory per GPU: ~79.8 GiB estimated (single x1, bf16, batch 1 x 2048) of 95.6 GiB: fits" in out
+    big = ["data.batch_size=8"]
+    with pytest.raises(
+        UserError,
+        match=r"does NOT fit; "
+        r"data.batch_size=\d or data.sequence_length=\d+ would fit; job.memory_check=false",
+    ):
+        prepare("baseline", "clariden", big, environ=ENV, run_dir=str(tmp_path / "big"))
+    dry = prepare("baseline", "clariden", big, environ=ENV, dry_run=True, run_dir=str(tmp_path / "big"))
+    assert any("does NOT fit" in w for w in dry.warnings)  # the dry run says so without refusing
+    anyway = prepare(
+        "baseline", "clariden", [*big, "job.memory_check=false"], environ=ENV, run_dir=str(tmp_path / "x")
+    )
+    assert any("submitted anyway: job.memory_check=false" in w for w in anyway.warnings)
+    ddp = ["job.gpus=4", "distributed.strategy=ddp", "data.batch_size=2"]
+    with pytest.raises(
+        UserError, match=r"\(ddp x4, bf16, batch 2 x 2048\).*does NOT fit; distributed.strategy=fsdp"
+    ):
+        prepare("baseline", "clariden", ddp, environ=ENV, run_dir=str(tmp_path / "ddp"))
+    assert (
+        prepare("smoke", "local", ["data.dataset=/"], dry_run=True, run_dir=str(tmp_path / "s")).memory
+        is None
+    )
+
+
+def test_memory_check_must_be_a_boolean():
+    with pytest.raises(UserError, match=r"job.memory_check = 'maybe' must be true or false"):
+        load_experiment("fused", ["job.memory_check=maybe"])
+
+
+def test_course_store_variable_on_a_cluster_without_it():
+    with pytest.raises(
+        UserError, match=r"data.dataset = .*uses \$\{COURSE_STORE\}, which cluster 'local' does not"
+    ):
+        prepare("baseline", "local", dry_run=True, run_dir="/tmp/never-written")
+
+
+def test_numactl_per_rank_must_name_the_local_rank(tmp_path):
+    data = read_yaml(REPO / "jobs/clusters/clariden.yaml")
+    data["numactl"]["per_rank"] = "--membind=0"
+    with pytest.raises(UserError, match=r"numactl.per_rank must be a string naming \{local_rank\}"):
+        cluster_from_dict(data, "c.yaml")
+
+
+def test_rank_command_binds_each_rank_to_its_numa_node():
+    from jobs.task import rank_command
+
+    cmd = list(golden_plan("fused", ["job.gpus=4"]).command)
+    assert rank_command(cmd, "2")[:3] == ["numactl", "--cpunodebind=2", "--membind=2"]
+    assert list(golden_plan("fused").command)[:2] == ["numactl", "--membind=0-3"]
 
 
 def test_unknown_partition():
@@ -433,3 +571,14 @@ def test_bad_array_specs(bad):
 
     with pytest.raises(UserError, match="--array"):
         parse_array([bad])
+
+
+def test_an_explicit_output_dir_is_the_run_directory(tmp_path):
+    mine = tmp_path / "my-run"
+    run = prepare("smoke", "local", [f"training.output_dir={mine}", f"data.dataset={tmp_path}"], dry_run=True)
+    assert run.plan.run_dir == str(mine) and run.train.training.output_dir == str(mine)
+    assert run.plan.submitit_folder == f"{mine}/submitit"
+    other = prepare(
+        "smoke", "local", [f"job.output_root={tmp_path}", f"data.dataset={tmp_path}"], dry_run=True
+    )
+    assert Path(other.plan.run_dir).parent == tmp_path / "smoke"  # without it: a new directory per run
