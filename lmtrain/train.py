@@ -37,6 +37,7 @@ from lmtrain.distributed import (
     cleanup,
     detect_env,
     init_distributed,
+    load_full_optimizer_state,
     resolve_device,
     wrap_model,
 )
@@ -280,15 +281,10 @@ def gather_state(
 
 
 def restore_state(model: nn.Module, optimizer, scaler: LossScaler, loader, state: dict, env: DistEnv) -> int:
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, state["model"], options=opts)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
+    set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
+    load_full_optimizer_state(model, optimizer, state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     ckpt.restore_rng_state(state["rng"])
     data_state = state.get("data")
