@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lmtrain import checkpoint as ckpt
+from lmtrain.atomic import atomic_write_text
 from lmtrain.config import TrainConfig, config_to_dict, parse_args, save_config
 from lmtrain.distributed import (
     DistEnv,
@@ -48,6 +49,7 @@ from lmtrain.losses import DEFAULT_CHUNK, IGNORE_INDEX
 from lmtrain.metrics import StepTimer, Throughput, mfu, peak_memory_gib, resolve_peak, write_loss_plot
 from lmtrain.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from lmtrain.precision import LossScaler, autocast, build_loss_scaler, compute_dtype, torch_dtype
+from lmtrain.runlock import DirectoryLock
 
 EXIT_OK = 0
 EXIT_REQUEUE = 85
@@ -63,6 +65,86 @@ def resolve_run_dir(cfg: TrainConfig, env: DistEnv) -> Path:
         return Path(cfg.training.output_dir)
     stamp = broadcast_object(time.strftime("%Y%m%d-%H%M%S") if env.is_main else None)
     return Path(cfg.training.run_dir) / f"{cfg.training.name}-{stamp}"
+
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "loss.png", "train.log", "tokenizer")
+
+
+def previous_run(run_dir: Path) -> list[str]:
+    """What of an earlier run `run_dir` holds (its files and checkpoints); empty for a new directory."""
+    if not run_dir.is_dir():
+        return []
+    held = [name for name in RUN_FILES[:3] if (run_dir / name).exists()]
+    steps = [s for s, _ in ckpt.find_checkpoints(run_dir)]
+    if steps:
+        held.append(f"{len(steps)} checkpoint(s) up to step {steps[-1]}")
+    return held
+
+
+def check_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
+    """Refuse an output_dir that is a file, and a new run into a directory that holds another run: its
+    checkpoints would be mixed with the new ones and its metrics interleaved."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"training.output_dir {run_dir} is a file, not a directory: choose a directory path")
+    held = previous_run(run_dir)
+    if held and cfg.checkpoint.resume == "none" and not cfg.training.overwrite_output_dir:
+        raise UserError(
+            f"training.output_dir {run_dir} already holds a run ({', '.join(held)}): continue it with "
+            "--checkpoint.resume auto, start it over with --training.overwrite_output_dir true (deletes "
+            "its checkpoints, metrics and summary), or choose another output_dir"
+        )
+
+
+def clear_previous_run(run_dir: Path) -> None:
+    """--training.overwrite_output_dir: remove what an earlier run wrote (call while holding the lock)."""
+    import shutil
+
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    for _, path in ckpt.find_checkpoints(run_dir):
+        path.unlink()
+
+
+def trim_metrics(path: Path, step: int) -> dict[str, Any]:
+    """On resume from `step`: drop the records logged after it (a killed run logs steps past its last
+    checkpoint, which the resumed run logs again) and lines cut short by a kill. Returns the metrics
+    already logged at `step`, which the resumed run must not log twice."""
+    if not path.is_file():
+        return {}
+    kept, at_step = [], {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line + "\n")
+            if record.get("step") == step:
+                at_step.update(record)
+    atomic_write_text(path, "".join(kept))
+    return at_step
+
+
+def check_batch_shape(path: Path, state: dict, cfg: TrainConfig) -> None:
+    """Resuming with another batch shape changes tokens per step and the data order from the saved
+    step on; it needs --checkpoint.allow_batch_change."""
+    saved = state.get("config") or {}
+    keys = (("data", "batch_size"), ("data", "sequence_length"), ("training", "grad_accumulation_steps"))
+    before = [saved.get(section, {}).get(key) for section, key in keys]
+    now = [getattr(getattr(cfg, section), key) for section, key in keys]
+    if None in before or before == now or cfg.checkpoint.allow_batch_change:
+        return
+    names = ", ".join(f"{section}.{key}" for section, key in keys)
+    raise UserError(
+        f"{path} (step {state['step']}) was written with {names} = {before} ({math.prod(before)} tokens per "
+        f"step and process), this run has {now} ({math.prod(now)}): from here on every step would see another "
+        "number of tokens and the data would continue in another order than the interrupted run's. Resume "
+        "with the checkpoint's values (the run's config.yaml), or pass --checkpoint.allow_batch_change true"
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -320,42 +402,85 @@ def _progress(cfg: TrainConfig, env: DistEnv, start: int, total: int):
 def train(cfg: TrainConfig, hooks: StepHooks | None = None) -> dict:
     """Run (or resume) a training job; returns the summary also written to `summary.json`.
     `hooks` replaces the ones `profiling.build_step_hooks` derives from cfg.profiling."""
-    env = detect_env()
-    device = resolve_device(cfg.training.device, env)
-    init_distributed(cfg.distributed, device, env)
+    # Handlers first: a signal during the start-up (minutes for a large model) still ends in a checkpoint
+    # and exit 85; they stay until the summary is written.
+    stop = StopRequest(parse_signals(cfg.checkpoint.signals))
     try:
-        summary = _train(cfg, env, device, hooks)
-    except BaseException:
-        cleanup()  # no barrier: the other ranks may be stuck in a collective or gone
-        raise
-    cleanup(synchronize=True)
+        env = detect_env()
+        device = resolve_device(cfg.training.device, env)
+        init_distributed(cfg.distributed, device, env)
+        try:
+            summary = _train(cfg, env, device, hooks, stop)
+        except BaseException:
+            cleanup()  # no barrier: the other ranks may be stuck in a collective or gone
+            raise
+        cleanup(synchronize=True)
+    finally:
+        stop.restore()
     return summary
 
 
-def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, hooks: StepHooks | None) -> dict:
-    from lmtrain.data import build_dataloader, resolve_tokenizer
-    from lmtrain.model import Transformer, model_args_from_config
+def on_main(env: DistEnv, fn):
+    """fn() on rank 0; its UserError is raised on every rank instead of leaving them in a collective."""
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except UserError as exc:
+            error = str(exc)
+    error = broadcast_object(error)
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+def open_run_dir(run_dir: Path, cfg: TrainConfig) -> tuple[DirectoryLock, bool]:
+    """Check, create and lock the run directory (rank 0). Returns the lock and whether it was created."""
+    check_run_dir(run_dir, cfg)
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = DirectoryLock(run_dir / ".lock", f"run directory {run_dir}").acquire()
+    if cfg.training.overwrite_output_dir and cfg.checkpoint.resume == "none":
+        clear_previous_run(run_dir)
+    return lock, created
+
+
+def _train(
+    cfg: TrainConfig, env: DistEnv, device: torch.device, hooks: StepHooks | None, stop: StopRequest
+) -> dict:
 
     wall_start = time.perf_counter()
     run_dir = resolve_run_dir(cfg, env)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier()
+    lock, created = on_main(env, lambda: open_run_dir(run_dir, cfg)) or (None, False)
+    try:
+        summary = _train_locked(cfg, env, device, hooks, stop, run_dir, wall_start)
+    except UserError:
+        if created and env.is_main and not (run_dir / "config.yaml").exists():
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)  # refused before writing anything: leave no trace
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+    return summary
+
+
+def _train_locked(cfg, env, device, hooks, stop, run_dir, wall_start) -> dict:
+    from lmtrain.data import build_dataloader, resolve_tokenizer
+    from lmtrain.model import Transformer, model_args_from_config
+
     init_logging(env.rank, run_dir / "train.log")
-    stop = StopRequest(parse_signals(cfg.checkpoint.signals))
     logger.info("run directory %s (rank %d of %d, device %s)", run_dir, env.rank, env.world_size, device)
+    if env.is_main:
+        for stale in ckpt.remove_stale_temporaries(run_dir):
+            logger.warning("removed %s, left by a save that was killed", stale)
 
     seed_everything(cfg.training.seed)
     tokenizer = resolve_tokenizer(cfg.data)
     vocab_size = cfg.model.vocab_size or len(tokenizer)
     seq_len = cfg.model.seq_len or cfg.data.sequence_length
     args = model_args_from_config(cfg.model, vocab_size=vocab_size, seq_len=seq_len)
-    if env.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-        if not (run_dir / "tokenizer").exists() and hasattr(tokenizer, "save_pretrained"):
-            tmp = run_dir / f".tokenizer-tmp-{os.getpid()}"
-            tokenizer.save_pretrained(str(tmp))
-            os.replace(tmp, run_dir / "tokenizer")
 
     # Model: build, cast, move, compile, wrap (in that order; checkpoints stay prefix-free).
     model = Transformer(args).to(device=device, dtype=torch_dtype(cfg.precision.model_dtype))
@@ -387,7 +512,12 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, hooks: StepHook
             logger.info("checkpoint.resume=auto: no checkpoint in %s yet; starting from step 0", run_dir)
         else:
             path, state = found
-            if state["model_args"] != model_args:
+            check_batch_shape(path, state, cfg)
+            saved_args, built_args = dict(state["model_args"]), dict(model_args)
+            if cfg.checkpoint.allow_batch_change and built_args.get("pos") != "learned":
+                saved_args.pop("seq_len", None)  # only the size of the RoPE tables, not a weight
+                built_args.pop("seq_len", None)
+            if saved_args != built_args:
                 raise UserError(
                     f"{path} was written for model {state['model_args']}, but this run builds {model_args}; "
                     "resume with the run's own config.yaml (--config) or start a new output_dir"
@@ -395,6 +525,16 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, hooks: StepHook
             start_step = restore_state(model, optimizer, scaler, train_loader, state, env)
             logger.info("resumed from %s at step %d", path, start_step)
             del state
+    # Everything is checked: only now is the run directory written to.
+    logged_at_start: dict[str, Any] = {}
+    if env.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        if not (run_dir / "tokenizer").exists() and hasattr(tokenizer, "save_pretrained"):
+            tmp = run_dir / f".tokenizer-tmp-{os.getpid()}"
+            tokenizer.save_pretrained(str(tmp))
+            os.replace(tmp, run_dir / "tokenizer")
+        if resume != "none":
+            logged_at_start = trim_metrics(run_dir / "metrics.jsonl", start_step)
 
     total_steps = cfg.training.steps
     fpt = model_flops_per_token(args, cfg.data.sequence_length)
@@ -452,7 +592,16 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, hooks: StepHook
 
     train_iter = iter(train_loader)
     try:
-        while step < total_steps:
+        if stop.any_rank():  # a signal during the start-up
+            logger.warning(
+                "signal %s during start-up: saving at step %d and exiting for requeue",
+                stop.received.name if stop.received else "on another rank",
+                step,
+            )
+            if last_saved != step:
+                save(step)
+            exit_reason = "signal"
+        while exit_reason == "completed" and step < total_steps:
             step += 1
             hooks.on_step_start(step)
             timer.start()
@@ -574,18 +723,26 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, hooks: StepHook
                 save(step)
     finally:
         hooks.close()
-        stop.restore()
         if progress is not None:
             progress.stop()
 
     if exit_reason == "completed":
         if last_saved != step:
             save(step)
-        val = evaluate(model, val_loader, cfg.training.eval_batches, device, amp, cfg.training.loss_chunk)
-        if val is not None:
-            val_history.append((step, val))
-            if metric_log is not None:
-                metric_log.log(step, {"val_loss": val})
+        if step == start_step and "val_loss" in logged_at_start:  # requeued after its final evaluation
+            val_history.append((step, float(logged_at_start["val_loss"])))
+        else:
+            val = evaluate(model, val_loader, cfg.training.eval_batches, device, amp, cfg.training.loss_chunk)
+            if val is not None:
+                val_history.append((step, val))
+                if metric_log is not None:
+                    metric_log.log(step, {"val_loss": val})
+        if stop.any_rank():  # the final checkpoint is saved: the requeued job only writes the summary
+            logger.warning(
+                "signal %s after the last step: exiting for requeue",
+                stop.received.name if stop.received else "on another rank",
+            )
+            exit_reason = "signal"
 
     rates = run_tp.rates() if run_tp.steps else window.rates()
     summary = {
