@@ -58,7 +58,9 @@ def stale_reason(holder: dict, me: dict) -> str | None:
     if holder.get("slurm_job") and holder.get("slurm_job") == me.get("slurm_job"):
         if holder.get("slurm_restart") != me.get("slurm_restart"):
             return f"Slurm job {holder['slurm_job']} was requeued"
-    if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", 0)), holder.get("process_start")):
+    if holder.get("host") == me["host"] and not _alive(
+        int(holder.get("pid", 0)), holder.get("process_start")
+    ):
         return f"process {holder.get('pid')} is no longer running"
     return None
 

@@ -215,7 +215,10 @@ def test_pretokenized_files_are_matched_to_their_tokenizer_by_fingerprint_not_si
     assert meta["tokenizer_fingerprint"] == tokenizer_fingerprint(TOK)
     spec = json.loads(TOK.backend_tokenizer.to_str())
     vocab = spec["model"]["vocab"]
-    a, b = next(k for k, v in vocab.items() if v == ord("a")), next(k for k, v in vocab.items() if v == ord("b"))
+    a, b = (
+        next(k for k, v in vocab.items() if v == ord("a")),
+        next(k for k, v in vocab.items() if v == ord("b")),
+    )
     vocab[a], vocab[b] = vocab[b], vocab[a]  # the same 259 tokens, two ids swapped
     (tmp_path / "swapped.json").write_text(json.dumps(spec))
     swapped = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "swapped.json"), bos_token="<s>",

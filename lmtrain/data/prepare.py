@@ -34,7 +34,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lmtrain.data.sources import current_umask, write_token_file
-from lmtrain.data.tokenizers import BOS, SPECIAL_TOKENS, hf_byte_level_bpe, load_tokenizer, tokenizer_fingerprint
+from lmtrain.data.tokenizers import (
+    BOS,
+    SPECIAL_TOKENS,
+    hf_byte_level_bpe,
+    load_tokenizer,
+    tokenizer_fingerprint,
+)
 from lmtrain.errors import UserError
 from lmtrain.runlock import DirectoryLock
 
