@@ -448,12 +448,18 @@ def open_run_dir(run_dir: Path, cfg: TrainConfig) -> tuple[DirectoryLock, bool]:
 def _train(
     cfg: TrainConfig, env: DistEnv, device: torch.device, hooks: StepHooks | None, stop: StopRequest
 ) -> dict:
-
+    """A run, phase by phase. Nothing is written to the run directory before every check has passed."""
     wall_start = time.perf_counter()
     run_dir = resolve_run_dir(cfg, env)
     lock, created = on_main(env, lambda: open_run_dir(run_dir, cfg)) or (None, False)
     try:
-        summary = _train_locked(cfg, env, device, hooks, stop, run_dir, wall_start)
+        run = set_up(cfg, env, device, run_dir)  # logging, tokenizer, model, optimizer, data
+        restore(run)  # --checkpoint.resume: check the checkpoint, then load it
+        write_run_files(run)  # config.yaml, tokenizer/, metrics.jsonl trimmed to the resumed step
+        start_metrics(run, hooks)  # FLOPs and MFU peak, metric sinks, profiler hooks, progress bar
+        train_steps(run, stop)  # the step loop, with its evaluations and checkpoints
+        finish(run, stop)  # the final checkpoint and evaluation
+        return write_summary(run, wall_start)  # summary.json, loss.png and the "done" line
     except UserError:
         if created and env.is_main and not (run_dir / "config.yaml").exists():
             import shutil
@@ -463,10 +469,84 @@ def _train(
     finally:
         if lock is not None:
             lock.release()
-    return summary
 
 
-def _train_locked(cfg, env, device, hooks, stop, run_dir, wall_start) -> dict:
+@dataclasses.dataclass
+class Run:
+    """What the phases of one run share: built by `set_up`, advanced by `restore` and `train_steps`."""
+
+    cfg: TrainConfig
+    env: DistEnv
+    device: torch.device
+    run_dir: Path
+    tokenizer: Any
+    args: Any  # TransformerModelArgs
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: LossScaler
+    amp: Any  # () -> the autocast context of cfg.precision
+    train_loader: Any
+    val_loader: Any  # None without a validation split
+    step: int = 0  # the last step taken (the resumed one before the loop)
+    start_step: int = 0
+    last_saved: int | None = None
+    exit_reason: str = "completed"  # or "signal", "diverged"
+    logged_at_start: dict[str, Any] = dataclasses.field(default_factory=dict)  # metrics of start_step
+    losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    val_history: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    skipped_total: int = 0
+    # Set by start_metrics:
+    fpt: float = 0.0  # training FLOPs per token
+    peak: Any = None
+    metric_log: Any = None  # rank 0 only
+    hooks: StepHooks | None = None
+    progress: Any = None
+    window: Throughput = dataclasses.field(default_factory=Throughput)  # since the last logged step
+    run_tp: Throughput = dataclasses.field(default_factory=Throughput)  # the whole run but its first step
+
+    @property
+    def model_args(self) -> dict:
+        return dataclasses.asdict(self.args)
+
+    def save(self, at_step: int) -> None:
+        """Checkpoint the full training state (a collective under FSDP: every rank calls it)."""
+        cfg = self.cfg
+        state = gather_state(
+            self.model,
+            self.optimizer,
+            step=at_step,
+            model_args=self.model_args,
+            scaler=self.scaler,
+            loader=self.train_loader,
+            cfg=cfg,
+            total_steps=cfg.training.steps,
+        )
+        if state is not None:
+            path = ckpt.save_checkpoint(self.run_dir, state, keep_last=cfg.checkpoint.keep_last)
+            logger.info("saved %s", path)
+        barrier()
+        self.last_saved = at_step
+
+    def validate(self, step: int) -> float | None:
+        """Validation loss at `step`, recorded in the history and metrics.jsonl."""
+        cfg = self.cfg
+        val = evaluate(
+            self.model,
+            self.val_loader,
+            cfg.training.eval_batches,
+            self.device,
+            self.amp,
+            cfg.training.loss_chunk,
+        )
+        if val is not None:
+            self.val_history.append((step, val))
+            if self.metric_log is not None:
+                self.metric_log.log(step, {"val_loss": val})
+        return val
+
+
+def set_up(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path) -> Run:
+    """Logging, tokenizer, model (build, cast, move, compile, wrap), optimizer, loss scaler, data."""
     from lmtrain.data import build_dataloader, resolve_tokenizer
     from lmtrain.model import Transformer, model_args_from_config
 
@@ -484,7 +564,6 @@ def _train_locked(cfg, env, device, hooks, stop, run_dir, wall_start) -> dict:
 
     # Model: build, cast, move, compile, wrap (in that order; checkpoints stay prefix-free).
     model = Transformer(args).to(device=device, dtype=torch_dtype(cfg.precision.model_dtype))
-    model_args = dataclasses.asdict(args)
     if cfg.training.compile:
         model = torch.compile(model, fullgraph=True)
     model = wrap_model(model, cfg.distributed, env, device)
@@ -499,98 +578,93 @@ def _train_locked(cfg, env, device, hooks, stop, run_dir, wall_start) -> dict:
     val_loader = build_dataloader(
         cfg.data, tokenizer, "val", seed=cfg.training.seed, rank=env.rank, world_size=env.world_size
     )
+    return Run(
+        cfg, env, device, run_dir, tokenizer, args, model, optimizer, scaler, amp, train_loader, val_loader
+    )
 
-    start_step = 0
-    resume = cfg.checkpoint.resume
-    if resume != "none":
-        found = (
-            ckpt.load_latest_valid(run_dir)
-            if resume == "auto"
-            else (Path(resume), ckpt.load_checkpoint(resume))
+
+def restore(run: Run) -> None:
+    """--checkpoint.resume auto|PATH: check that the checkpoint fits this run, then load its state."""
+    cfg, resume = run.cfg, run.cfg.checkpoint.resume
+    if resume == "none":
+        return
+    found = (
+        ckpt.load_latest_valid(run.run_dir)
+        if resume == "auto"
+        else (Path(resume), ckpt.load_checkpoint(resume))
+    )
+    if found is None:
+        logger.info("checkpoint.resume=auto: no checkpoint in %s yet; starting from step 0", run.run_dir)
+        return
+    path, state = found
+    check_batch_shape(path, state, cfg)
+    model_args = run.model_args
+    saved_args, built_args = dict(state["model_args"]), dict(model_args)
+    if cfg.checkpoint.allow_batch_change and built_args.get("pos") != "learned":
+        saved_args.pop("seq_len", None)  # only the size of the RoPE tables, not a weight
+        built_args.pop("seq_len", None)
+    if saved_args != built_args:
+        raise UserError(
+            f"{path} was written for model {state['model_args']}, but this run builds {model_args}; "
+            "resume with the run's own config.yaml (--config) or start a new output_dir"
         )
-        if found is None:
-            logger.info("checkpoint.resume=auto: no checkpoint in %s yet; starting from step 0", run_dir)
-        else:
-            path, state = found
-            check_batch_shape(path, state, cfg)
-            saved_args, built_args = dict(state["model_args"]), dict(model_args)
-            if cfg.checkpoint.allow_batch_change and built_args.get("pos") != "learned":
-                saved_args.pop("seq_len", None)  # only the size of the RoPE tables, not a weight
-                built_args.pop("seq_len", None)
-            if saved_args != built_args:
-                raise UserError(
-                    f"{path} was written for model {state['model_args']}, but this run builds {model_args}; "
-                    "resume with the run's own config.yaml (--config) or start a new output_dir"
-                )
-            start_step = restore_state(model, optimizer, scaler, train_loader, state, env)
-            logger.info("resumed from %s at step %d", path, start_step)
-            del state
-    # Everything is checked: only now is the run directory written to.
-    logged_at_start: dict[str, Any] = {}
-    if env.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-        if not (run_dir / "tokenizer").exists() and hasattr(tokenizer, "save_pretrained"):
-            tmp = run_dir / f".tokenizer-tmp-{os.getpid()}"
-            tokenizer.save_pretrained(str(tmp))
-            os.replace(tmp, run_dir / "tokenizer")
-        if resume != "none":
-            logged_at_start = trim_metrics(run_dir / "metrics.jsonl", start_step)
+    run.start_step = run.step = run.last_saved = restore_state(
+        run.model, run.optimizer, run.scaler, run.train_loader, state, run.env
+    )
+    logger.info("resumed from %s at step %d", path, run.start_step)
 
-    total_steps = cfg.training.steps
-    fpt = model_flops_per_token(args, cfg.data.sequence_length)
-    peak = resolve_peak(device, compute_dtype(cfg.precision), cfg.logging.peak_tflops)
+
+def write_run_files(run: Run) -> None:
+    """config.yaml and tokenizer/ (rank 0); on resume, metrics.jsonl keeps only what the checkpoint saw."""
+    if not run.env.is_main:
+        return
+    save_config(run.cfg, run.run_dir / "config.yaml")
+    if not (run.run_dir / "tokenizer").exists() and hasattr(run.tokenizer, "save_pretrained"):
+        tmp = run.run_dir / f".tokenizer-tmp-{os.getpid()}"
+        run.tokenizer.save_pretrained(str(tmp))
+        os.replace(tmp, run.run_dir / "tokenizer")
+    if run.cfg.checkpoint.resume != "none":
+        run.logged_at_start = trim_metrics(run.run_dir / "metrics.jsonl", run.start_step)
+
+
+def start_metrics(run: Run, hooks: StepHooks | None) -> None:
+    """FLOPs per token and the MFU peak (logged with the model size), metric sinks, hooks, progress bar."""
+    cfg, env = run.cfg, run.env
+    run.fpt = model_flops_per_token(run.args, cfg.data.sequence_length)
+    run.peak = resolve_peak(run.device, compute_dtype(cfg.precision), cfg.logging.peak_tflops)
     logger.info(
         "model %s: %.2fM parameters, %.3g GFLOP/token; MFU peak %.4g TFLOP/s per device (%s)",
         cfg.model.preset,
-        sum(p.numel() for p in model.parameters()) / 1e6,  # DTensor.numel() is the full size
-        fpt / 1e9,
-        peak.tflops,
-        peak.source,
+        sum(p.numel() for p in run.model.parameters()) / 1e6,  # DTensor.numel() is the full size
+        run.fpt / 1e9,
+        run.peak.tflops,
+        run.peak.source,
     )
-    metric_log = (
+    run.metric_log = (
         make_metric_logger(
-            run_dir,
+            run.run_dir,
             tensorboard=cfg.logging.tensorboard,
             wandb=cfg.logging.wandb,
-            name=run_dir.name,
+            name=run.run_dir.name,
             config=config_to_dict(cfg),
             console=False,
         )
         if env.is_main
         else None
     )
-    hooks = hooks if hooks is not None else _build_step_hooks(cfg, run_dir, device)
+    run.hooks = hooks if hooks is not None else _build_step_hooks(cfg, run.run_dir, run.device)
+    run.progress = _progress(cfg, env, run.start_step, cfg.training.steps)
+
+
+def train_steps(run: Run, stop: StopRequest) -> None:
+    """The step loop: data, learning rate, one optimizer step, metrics, evaluation, signal, checkpoint."""
+    cfg, env, device = run.cfg, run.env, run.device
+    model, optimizer, scaler, hooks, progress = run.model, run.optimizer, run.scaler, run.hooks, run.progress
+    window, run_tp, metric_log, fpt, peak = run.window, run.run_tp, run.metric_log, run.fpt, run.peak
+    total_steps, start_step, step = cfg.training.steps, run.start_step, run.step
     timer = StepTimer(device)
-    window = Throughput()
-    run_tp = Throughput()
-    losses: list[tuple[int, float]] = []
-    val_history: list[tuple[int, float]] = []
-    exit_reason = "completed"
     bad_streak = 0
-    skipped_total = 0
-    step = start_step
-    last_saved = start_step if start_step else None
-    progress = _progress(cfg, env, start_step, total_steps)
-
-    def save(at_step: int) -> None:
-        nonlocal last_saved
-        state = gather_state(
-            model,
-            optimizer,
-            step=at_step,
-            model_args=model_args,
-            scaler=scaler,
-            loader=train_loader,
-            cfg=cfg,
-            total_steps=total_steps,
-        )
-        if state is not None:
-            path = ckpt.save_checkpoint(run_dir, state, keep_last=cfg.checkpoint.keep_last)
-            logger.info("saved %s", path)
-        barrier()
-        last_saved = at_step
-
-    train_iter = iter(train_loader)
+    train_iter = iter(run.train_loader)
     try:
         if stop.any_rank():  # a signal during the start-up
             logger.warning(
@@ -598,11 +672,12 @@ def _train_locked(cfg, env, device, hooks, stop, run_dir, wall_start) -> dict:
                 stop.received.name if stop.received else "on another rank",
                 step,
             )
-            if last_saved != step:
-                save(step)
-            exit_reason = "signal"
-        while exit_reason == "completed" and step < total_steps:
+            if run.last_saved != step:
+                run.save(step)
+            run.exit_reason = "signal"
+        while run.exit_reason == "completed" and step < total_steps:
             step += 1
+            run.step = step
             hooks.on_step_start(step)
             timer.start()
             t_data = time.perf_counter()
@@ -616,7 +691,7 @@ def _train_locked(cfg, env, device, hooks, stop, run_dir, wall_start) -> dict:
                 scaler,
                 micro,
                 device=device,
-                amp=amp,
+                amp=run.amp,
                 max_norm=cfg.optim.grad_max_norm,
                 hooks=hooks,
                 loss_chunk=cfg.training.loss_chunk,
@@ -627,7 +702,7 @@ def _train_locked(cfg, env, device, hooks, stop, run_dir, wall_start) -> dict:
                 run_tp.add(seconds, result.tokens, result.positions)
 
             if result.skipped:
-                skipped_total += 1
+                run.skipped_total += 1
                 overflow_only = result.finite_loss and scaler.__class__.__name__ == "DynamicLossScaler"
                 if not overflow_only:
                     bad_streak += 1
@@ -641,20 +716,20 @@ def _train_locked(cfg, env, device, hooks, stop, run_dir, wall_start) -> dict:
                         cfg.training.max_bad_steps,
                     )
                     if bad_streak >= cfg.training.max_bad_steps:
-                        exit_reason = "diverged"
+                        run.exit_reason = "diverged"
                         logger.error(
                             "stopping: %d consecutive steps with a non-finite loss or gradients. Lower "
                             "optim.lr, keep optim.grad_max_norm > 0, or use precision.amp=bf16; the last "
                             "good checkpoint (step %s) is kept in %s",
                             bad_streak,
-                            last_saved,
-                            ckpt.checkpoint_dir(run_dir),
+                            run.last_saved,
+                            ckpt.checkpoint_dir(run.run_dir),
                         )
             else:
                 bad_streak = 0
-                losses.append((step, result.loss))
+                run.losses.append((step, result.loss))
 
-            if step % cfg.logging.frequency == 0 or step == total_steps or exit_reason == "diverged":
+            if step % cfg.logging.frequency == 0 or step == total_steps or run.exit_reason == "diverged":
                 rates = window.rates()
                 per_device = rates["tokens_per_s"] / env.world_size
                 metrics: dict[str, Any] = {
@@ -669,7 +744,7 @@ def _train_locked(cfg, env, device, hooks, stop, run_dir, wall_start) -> dict:
                     "tflops_per_device": fpt * rates["positions_per_s"] / env.world_size / 1e12,
                     "mfu": mfu(fpt, rates["positions_per_s"] / env.world_size, peak.tflops),
                     "loss_scale": scaler.scale,
-                    "skipped_steps": skipped_total,
+                    "skipped_steps": run.skipped_total,
                 }
                 mem = peak_memory_gib(device)
                 if mem is not None:
@@ -693,16 +768,11 @@ def _train_locked(cfg, env, device, hooks, stop, run_dir, wall_start) -> dict:
                 progress.update(progress.task_ids[0], completed=step, info=f"loss {result.loss:.4f}")
 
             if cfg.training.eval_interval and step % cfg.training.eval_interval == 0 and step < total_steps:
-                val = evaluate(
-                    model, val_loader, cfg.training.eval_batches, device, amp, cfg.training.loss_chunk
-                )
+                val = run.validate(step)
                 if val is not None:
-                    val_history.append((step, val))
-                    if metric_log is not None:
-                        metric_log.log(step, {"val_loss": val})
                     logger.info("step %d: validation loss %.4f", step, val)
             hooks.on_step_end(step)
-            if exit_reason == "diverged":
+            if run.exit_reason == "diverged":
                 break
 
             if stop.any_rank():
@@ -711,8 +781,8 @@ def _train_locked(cfg, env, device, hooks, stop, run_dir, wall_start) -> dict:
                     stop.received.name if stop.received else "on another rank",
                     step,
                 )
-                save(step)
-                exit_reason = "signal"
+                run.save(step)
+                run.exit_reason = "signal"
                 break
             if (
                 cfg.checkpoint.interval
@@ -720,64 +790,68 @@ def _train_locked(cfg, env, device, hooks, stop, run_dir, wall_start) -> dict:
                 and step < total_steps
                 and bad_streak == 0  # never replace a good checkpoint's role with a bad step's state
             ):
-                save(step)
+                run.save(step)
     finally:
         hooks.close()
         if progress is not None:
             progress.stop()
 
-    if exit_reason == "completed":
-        if last_saved != step:
-            save(step)
-        if step == start_step and "val_loss" in logged_at_start:  # requeued after its final evaluation
-            val_history.append((step, float(logged_at_start["val_loss"])))
-        else:
-            val = evaluate(model, val_loader, cfg.training.eval_batches, device, amp, cfg.training.loss_chunk)
-            if val is not None:
-                val_history.append((step, val))
-                if metric_log is not None:
-                    metric_log.log(step, {"val_loss": val})
-        if stop.any_rank():  # the final checkpoint is saved: the requeued job only writes the summary
-            logger.warning(
-                "signal %s after the last step: exiting for requeue",
-                stop.received.name if stop.received else "on another rank",
-            )
-            exit_reason = "signal"
 
-    rates = run_tp.rates() if run_tp.steps else window.rates()
+def finish(run: Run, stop: StopRequest) -> None:
+    """After the last step: the final checkpoint and evaluation. A signal that arrived meanwhile still
+    exits for requeue (the requeued job finds the final checkpoint and only writes the summary)."""
+    if run.exit_reason != "completed":
+        return
+    step = run.step
+    if run.last_saved != step:
+        run.save(step)
+    if step == run.start_step and "val_loss" in run.logged_at_start:  # requeued after its final evaluation
+        run.val_history.append((step, float(run.logged_at_start["val_loss"])))
+    else:
+        run.validate(step)
+    if stop.any_rank():
+        logger.warning(
+            "signal %s after the last step: exiting for requeue",
+            stop.received.name if stop.received else "on another rank",
+        )
+        run.exit_reason = "signal"
+
+
+def write_summary(run: Run, wall_start: float) -> dict:
+    """summary.json, loss.png and the closing log line (rank 0); the summary on every rank."""
+    env, losses, val_history = run.env, run.losses, run.val_history
+    rates = run.run_tp.rates() if run.run_tp.steps else run.window.rates()
     summary = {
-        "exit_reason": exit_reason,
-        "steps": step,
-        "resumed_from": start_step or None,
-        "initial_train_loss": losses[0][1] if losses and start_step == 0 else None,
+        "exit_reason": run.exit_reason,
+        "steps": run.step,
+        "resumed_from": run.start_step or None,
+        "initial_train_loss": losses[0][1] if losses and run.start_step == 0 else None,
         "final_train_loss": losses[-1][1] if losses else None,
         # One batch's loss is noisy; the mean over the last 20 steps is the number to compare.
         "final_train_loss_avg20": sum(x for _, x in losses[-20:]) / len(losses[-20:]) if losses else None,
         "final_val_loss": val_history[-1][1] if val_history else None,
         "tokens_per_s": rates["tokens_per_s"],
         "positions_per_s": rates["positions_per_s"],
-        "mfu": mfu(fpt, rates["positions_per_s"] / env.world_size, peak.tflops),
-        "peak_tflops": peak.tflops,
-        "peak_source": peak.source,
-        "skipped_steps": skipped_total,
+        "mfu": mfu(run.fpt, rates["positions_per_s"] / env.world_size, run.peak.tflops),
+        "peak_tflops": run.peak.tflops,
+        "peak_source": run.peak.source,
+        "skipped_steps": run.skipped_total,
         "wall_time_s": time.perf_counter() - wall_start,
         "world_size": env.world_size,
-        "run_dir": str(run_dir),
+        "run_dir": str(run.run_dir),
     }
     if env.is_main:
-        if metric_log is not None:
-            metric_log.close()
-        tmp = run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, run_dir / "summary.json")
+        if run.metric_log is not None:
+            run.metric_log.close()
+        atomic_write_text(run.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         try:
-            write_loss_plot(run_dir / "metrics.jsonl", run_dir / "loss.png")
+            write_loss_plot(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
         except Exception as exc:  # a plot must never fail a finished run
             logger.warning("could not write loss.png: %s", exc)
         logger.info(
             "done (%s): %d steps, final train loss %s, val loss %s, %.0f tokens/s, %.1f s",
-            exit_reason,
-            step,
+            run.exit_reason,
+            run.step,
             summary["final_train_loss"],
             summary["final_val_loss"],
             summary["tokens_per_s"],
