@@ -306,3 +306,18 @@ def test_random_sigkills_then_resume_reproduce_the_uninterrupted_run(stdlib_corp
 def log_bytes(run_dir: Path) -> int:
     path = run_dir / "train.log"
     return path.stat().st_size if path.exists() else 0
+
+
+def test_a_parquet_without_the_text_column_points_train_users_to_prepare(stdlib_corpus, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": ["a document"] * 8}), tmp_path / "data.parquet")
+    argv = tiny_args(stdlib_corpus, tmp_path / "run", 2)
+    argv[argv.index("--dataset") + 1] = str(tmp_path / "data.parquet")
+    with pytest.raises(UserError) as err:
+        run(argv)
+    message = str(err.value)
+    assert "has no column 'text'; its columns are ['content']" in message
+    assert f"lmtrain prepare --source {tmp_path / 'data.parquet'} --text-field NAME --out DIR" in message
+    assert not (tmp_path / "run").exists()
