@@ -3,6 +3,8 @@
     python -m lmtrain.train --config lmtrain/configs/tiny-cpu.yaml --training.steps 50
 
 Also `lmtrain train ...` and, one process per GPU, `srun python -m lmtrain.train ...` or `torchrun`.
+`_train` is the table of contents of a run: set_up, restore, write_run_files, start_metrics,
+train_steps (the step loop), finish, write_summary; the step itself is `train_step`.
 Exit codes: 0 finished, EXIT_REQUEUE (85) saved on a signal and stopped so that the launcher can requeue
 (resume with `--checkpoint.resume auto --training.output_dir SAME`), EXIT_DIVERGED (3) stopped after
 `training.max_bad_steps` consecutive non-finite steps (the last good checkpoint is kept).
@@ -438,7 +440,10 @@ def open_run_dir(run_dir: Path, cfg: TrainConfig) -> tuple[DirectoryLock, bool]:
     """Check, create and lock the run directory (rank 0). Returns the lock and whether it was created."""
     check_run_dir(run_dir, cfg)
     created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # permissions, a read-only file system, a file in the way
+        raise UserError(f"training.output_dir {run_dir}: cannot create it ({exc.strerror})") from exc
     lock = DirectoryLock(run_dir / ".lock", f"run directory {run_dir}").acquire()
     if cfg.training.overwrite_output_dir and cfg.checkpoint.resume == "none":
         clear_previous_run(run_dir)
