@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +84,31 @@ def restore_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------------------------- save and find
 
 
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, quota, file size limit); the previous one is kept."""
+
+
+def state_nbytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) state: about the size of its `torch.save` file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_nbytes(v) for v in obj)
+    return 0
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """temp file in the same directory + fsync + rename (+ fsync of the directory)."""
+    """temp file in the same directory + fsync + rename (+ fsync of the directory).
+
+    A failed write (no space left, quota, file size limit) removes the temporary file and raises a
+    CheckpointWriteError naming the path, the space needed and the space free; `path` is untouched.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -93,6 +117,19 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
+        written = tmp.stat().st_size if tmp.exists() else 0
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.strerror:
+            reason = exc.strerror
+        else:  # torch.save's "[enforce fail at inline_container.cc] unexpected pos" carries no errno
+            reason = f"the write stopped after {_mib(written)}"
+        free = shutil.disk_usage(path.parent).free
+        raise CheckpointWriteError(
+            f"could not write checkpoint {path}: {reason}; it needs about {_mib(state_nbytes(obj))} and "
+            f"{_mib(free)} is free on that file system (unless a quota or file size limit is lower): free "
+            "space or point training.output_dir elsewhere"
+        ) from exc
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -116,15 +153,41 @@ def find_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete `.step-N.pt.tmp-PID` files that a killed save left behind. Call while holding the run's
+    lock: then no other process can be writing one."""
+    d = checkpoint_dir(run_dir)
+    stale = sorted(d.glob(".step-*.pt.tmp-*")) if d.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def save_checkpoint(run_dir: str | os.PathLike, state: dict, keep_last: int = 3) -> Path:
     """Write `state` (must contain `step`) as the checkpoint of that step and drop the oldest beyond
-    `keep_last`. Call on rank 0 only; gather full state dicts first."""
+    `keep_last`. Call on rank 0 only; gather full state dicts first.
+
+    Only checkpoints of this step or earlier are pruned: a run's steps only grow, so a file with a higher
+    step was not written by it (a copied file, an abandoned future after a fallback) and is left alone.
+    If the write fails, a CheckpointWriteError also names the newest checkpoint that is still intact.
+    """
     required = {"model", "model_args", "optimizer", "step", "config"}
     missing = required - state.keys()
     assert not missing, f"checkpoint state lacks {sorted(missing)}"
-    path = checkpoint_path(run_dir, int(state["step"]))
-    atomic_torch_save(state, path)
-    for _, old in find_checkpoints(run_dir)[:-keep_last]:
+    step = int(state["step"])
+    path = checkpoint_path(run_dir, step)
+    try:
+        atomic_torch_save(state, path)
+    except CheckpointWriteError as exc:
+        previous = [s for s, _ in find_checkpoints(run_dir) if s < step]
+        kept = (
+            f"the previous checkpoint (step {previous[-1]}) is intact"
+            if previous
+            else "no earlier checkpoint"
+        )
+        raise CheckpointWriteError(f"{exc}; {kept}") from exc.__cause__
+    ours = [p for s, p in find_checkpoints(run_dir) if s <= step]
+    for old in ours[:-keep_last]:
         old.unlink(missing_ok=True)
     return path
 
@@ -136,28 +199,59 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise UserError(
             f"checkpoint not found: {path}; pass an existing .pt file or --checkpoint.resume auto"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, bad or malicious pickle, a foreign file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{path} is not a readable checkpoint ({type(exc).__name__}: {first[:300]}); pass another "
+            "checkpoint file or --checkpoint.resume auto"
+        ) from exc
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise UserError(f"{path} is not an lmtrain checkpoint (expected a dict with `model` and `step`)")
     return state
 
 
-def load_latest_valid(run_dir: str | os.PathLike) -> tuple[Path, dict] | None:
-    """The newest checkpoint that loads; damaged newer ones are reported (and left for inspection).
-    None when the run has no checkpoint."""
-    for step, path in reversed(find_checkpoints(run_dir)):
+def candidates(run_dir: str | os.PathLike, step: int | None = None) -> list[tuple[int, Path]]:
+    """The checkpoints to try, newest first: all of them, or only the one of `step` (a UserError listing
+    the steps there are when it is missing)."""
+    found = find_checkpoints(run_dir)
+    if step is None:
+        return found[::-1]
+    chosen = [(s, p) for s, p in found if s == step]
+    if not chosen:
+        raise UserError(
+            f"no checkpoint of step {step} in {checkpoint_dir(run_dir)}; it has steps "
+            f"{[s for s, _ in found] or 'none'}"
+        )
+    return chosen
+
+
+def load_latest_valid(run_dir: str | os.PathLike, step: int | None = None) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads (or the one of `step`); damaged newer ones are reported (and
+    left for inspection). None when the run has no checkpoint; a UserError listing every file and its
+    error when there are checkpoints but none can be read: "all unreadable" is not "none yet"."""
+    errors = []
+    for at, path in candidates(run_dir, step):
         try:
             return path, load_checkpoint(path)
-        except Exception as exc:  # truncated zip, bad pickle, wrong content: fall back to an older one
+        except Exception as exc:  # fall back to an older one
             logger.warning(
-                "checkpoint %s (step %d) is unreadable (%s); trying the previous one", path, step, exc
+                "checkpoint %s (step %d) is unreadable (%s); trying the previous one", path, at, exc
             )
+            errors.append(f"  {path.name}: {exc}")
+    if errors:
+        raise UserError(
+            f"none of the {len(errors)} checkpoints in {checkpoint_dir(run_dir)} can be read:\n"
+            + "\n".join(errors)
+            + "\nrestore them from a copy, or move them away to start again from step 0"
+        )
     return None
 
 
-def load_for_inference(run_dir: str | os.PathLike) -> tuple[dict, dict]:
-    """(model_args dict, prefix-free state dict) of a run's newest valid checkpoint."""
-    found = load_latest_valid(run_dir)
+def load_for_inference(run_dir: str | os.PathLike, step: int | None = None) -> tuple[dict, dict]:
+    """(model_args dict, prefix-free state dict) of a run's newest valid checkpoint (or of `step`)."""
+    found = load_latest_valid(run_dir, step)
     if found is None:
         raise UserError(
             f"no readable checkpoint in {checkpoint_dir(run_dir)}; train with --checkpoint.interval N "

@@ -235,6 +235,10 @@ class CheckpointConfig:
     signals: str = "SIGUSR1,SIGUSR2,SIGTERM"
     """Signals that make the loop save at the next step boundary and exit for requeue."""
 
+    allow_batch_change: bool = False
+    """Resume a checkpoint written with another data.batch_size, data.sequence_length or
+    training.grad_accumulation_steps (tokens per step and the data order change from there on)."""
+
     def __post_init__(self) -> None:
         _check_min(self, "interval", 0)
         _check_min(self, "keep_last", 1)
@@ -338,6 +342,11 @@ class TrainingConfig:
     output_dir: str = ""
     """Exact run directory (empty: `<run_dir>/<name>-<timestamp>`). Launchers set it so that a
     requeued job resumes in place."""
+
+    overwrite_output_dir: bool = False
+    """Start a new run in an output_dir that already holds one, deleting that run's checkpoints,
+    metrics, summary, config and tokenizer first. Without it such a run is refused (resume it with
+    --checkpoint.resume auto instead)."""
 
     def __post_init__(self) -> None:
         _check_min(self, "steps", 1)

@@ -183,6 +183,23 @@ def wrap_model(model: nn.Module, cfg: DistributedConfig, env: DistEnv, device: t
     return model
 
 
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a full (unsharded) optimizer state dict into a plain, DDP or FSDP2 model's optimizer.
+
+    torch's `set_optimizer_state_dict` rebuilds the param groups from flattened lists, so a tuple such
+    as AdamW's `betas` comes back as a list; the types the optimizer was built with are put back so
+    that the restored optimizer equals the saved one.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    built = [{k: type(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    for group, types in zip(optimizer.param_groups, built):
+        for key, kind in types.items():
+            if kind is tuple and isinstance(group.get(key), list):
+                group[key] = tuple(group[key])
+
+
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(value, op=dist.ReduceOp.SUM)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from lmtrain.atomic import share_directory
 from lmtrain.errors import UserError
 from lmtrain.model import Transformer, TransformerModelArgs, clean_state_dict_keys
 
@@ -107,21 +108,39 @@ def to_hf_model(model: Transformer, **token_ids):
     return hf.to(next(model.parameters()).dtype).eval()
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", force: bool = False) -> Path:
-    """Write the run's latest checkpoint and tokenizer to out_dir as a Hugging Face Llama directory.
-    The directory appears complete or not at all (written beside it, then renamed)."""
-    from lmtrain.generate import latest_checkpoint, load_model, load_run_tokenizer
+def export_run(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    dtype: str = "fp32",
+    force: bool = False,
+    step: int | None = None,
+) -> Path:
+    """Write the run's newest readable checkpoint (or that of `step`) and tokenizer to out_dir as a Hugging
+    Face Llama directory. The directory appears complete or not at all (written beside it, then renamed)."""
+    from lmtrain.generate import load_run_model, load_run_tokenizer
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file, not a directory: choose a directory path")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise UserError(f"--out {out_dir} exists and is not empty: choose a new directory or pass --force")
-    model, _ = load_model(latest_checkpoint(run_dir))
+    parent = next((p for p in out_dir.absolute().parents if p.exists()), Path("/"))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(
+            f"--out {out_dir}: cannot write in {parent} (not a writable directory); choose a directory "
+            "you can write to"
+        )
+    _, model, _ = load_run_model(run_dir, step)
     check_exportable(model.args)
     tok = load_run_tokenizer(run_dir)
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     hf = to_hf_model(model, **ids).to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as exc:  # read-only file system, permissions
+        raise UserError(f"--out {out_dir}: cannot write in {out_dir.parent} ({exc.strerror})") from exc
+    share_directory(tmp)  # an export is meant to be shared: mkdir's mode, not mkdtemp's 0700
     try:
         hf.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -150,9 +169,15 @@ def main(argv: list[str]) -> int:
         "--dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of the saved weights"
     )
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
+    parser.add_argument(
+        "--step",
+        type=int,
+        default=None,
+        help="export the checkpoint of this step (default: the newest readable)",
+    )
     opts = parser.parse_args(argv)
     if not Path(opts.run).is_dir():
         raise UserError(f"--run {opts.run}: no such directory")
-    out = export_run(opts.run, opts.out, dtype=opts.dtype, force=opts.force)
+    out = export_run(opts.run, opts.out, dtype=opts.dtype, force=opts.force, step=opts.step)
     print(f"wrote {out} (LlamaForCausalLM.from_pretrained('{out}'))")
     return 0

@@ -170,6 +170,29 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
     return max(found)[1]
 
 
+def load_run_model(
+    run_dir: str | Path, step: int | None = None, device: str | torch.device = "cpu"
+) -> tuple[Path, Transformer, dict]:
+    """(path, model, checkpoint dict) of the run's newest readable checkpoint, or of `step`.
+
+    As resume does, an unreadable newest checkpoint (a killed copy, a damaged disk) is reported and the
+    one before it used; a UserError lists every file and its error when none can be read.
+    """
+    from lmtrain.checkpoint import candidates
+
+    latest_checkpoint(run_dir)  # the error for a run without any checkpoint
+    errors = []
+    for _, path in candidates(run_dir, step):
+        try:
+            return (path, *load_model(path, device))
+        except UserError as exc:
+            print(f"warning: {exc}; trying the previous checkpoint", file=sys.stderr)
+            errors.append(f"  {path.name}: {exc}")
+    raise UserError(
+        f"none of the {len(errors)} checkpoints of {run_dir} can be loaded:\n" + "\n".join(errors)
+    )
+
+
 def load_state_dict_checked(model: Transformer, state_dict: dict, source: str) -> None:
     """Load a (prefix-free or wrapped) state dict, or raise a UserError naming every key whose presence
     or shape differs, which is what a checkpoint from another model config looks like."""
@@ -247,6 +270,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence for every token")
+    p.add_argument(
+        "--step",
+        type=int,
+        default=None,
+        help="use the checkpoint of this step (default: the newest readable)",
+    )
     return p
 
 
@@ -256,8 +285,7 @@ def main(argv: list[str]) -> int:
     run_dir = Path(opts.run)
     if not run_dir.is_dir():
         raise UserError(f"--run {run_dir}: no such directory")
-    path = latest_checkpoint(run_dir)
-    model, ckpt = load_model(path)
+    path, model, ckpt = load_run_model(run_dir, opts.step)
     tok = load_run_tokenizer(run_dir)
     # Documents start after a BOS in training (it separates packed documents), so prompts do too.
     prompt = [tok.bos_token_id] + tok.encode(opts.prompt, add_special_tokens=False)

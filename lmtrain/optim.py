@@ -107,9 +107,11 @@ def grad_norm(params: Iterable[nn.Parameter]) -> torch.Tensor:
     return norm.float()
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> tuple[float, bool]:
+def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> tuple[float, bool]:
     """Clip to `max_norm` (0: measure only). Returns (norm before clipping, finite). Non-finite gradients
-    are left untouched: the caller skips the step."""
+    are left untouched: the caller skips the step. `params` may be any iterable, a generator included
+    (`model.parameters()`), as for torch.nn.utils.clip_grad_norm_."""
+    params = list(params)  # read twice: once for the norm, once to scale
     norm = grad_norm(params)
     value = float(norm)
     finite = math.isfinite(value)

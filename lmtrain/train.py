@@ -3,6 +3,8 @@
     python -m lmtrain.train --config lmtrain/configs/tiny-cpu.yaml --training.steps 50
 
 Also `lmtrain train ...` and, one process per GPU, `srun python -m lmtrain.train ...` or `torchrun`.
+`_train` is the table of contents of a run: set_up, restore, write_run_files, start_metrics,
+train_steps (the step loop), finish, write_summary; the step itself is `train_step`.
 Exit codes: 0 finished, EXIT_REQUEUE (85) saved on a signal and stopped so that the launcher can requeue
 (resume with `--checkpoint.resume auto --training.output_dir SAME`), EXIT_DIVERGED (3) stopped after
 `training.max_bad_steps` consecutive non-finite steps (the last good checkpoint is kept).
@@ -28,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lmtrain import checkpoint as ckpt
+from lmtrain.atomic import atomic_write_text
 from lmtrain.config import TrainConfig, config_to_dict, parse_args, save_config
 from lmtrain.distributed import (
     DistEnv,
@@ -37,6 +40,7 @@ from lmtrain.distributed import (
     cleanup,
     detect_env,
     init_distributed,
+    load_full_optimizer_state,
     resolve_device,
     wrap_model,
 )
@@ -47,6 +51,7 @@ from lmtrain.losses import DEFAULT_CHUNK, IGNORE_INDEX
 from lmtrain.metrics import StepTimer, Throughput, mfu, peak_memory_gib, resolve_peak, write_loss_plot
 from lmtrain.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from lmtrain.precision import LossScaler, autocast, build_loss_scaler, compute_dtype, torch_dtype
+from lmtrain.runlock import DirectoryLock
 
 EXIT_OK = 0
 EXIT_REQUEUE = 85
@@ -62,6 +67,86 @@ def resolve_run_dir(cfg: TrainConfig, env: DistEnv) -> Path:
         return Path(cfg.training.output_dir)
     stamp = broadcast_object(time.strftime("%Y%m%d-%H%M%S") if env.is_main else None)
     return Path(cfg.training.run_dir) / f"{cfg.training.name}-{stamp}"
+
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "loss.png", "train.log", "tokenizer")
+
+
+def previous_run(run_dir: Path) -> list[str]:
+    """What of an earlier run `run_dir` holds (its files and checkpoints); empty for a new directory."""
+    if not run_dir.is_dir():
+        return []
+    held = [name for name in RUN_FILES[:3] if (run_dir / name).exists()]
+    steps = [s for s, _ in ckpt.find_checkpoints(run_dir)]
+    if steps:
+        held.append(f"{len(steps)} checkpoint(s) up to step {steps[-1]}")
+    return held
+
+
+def check_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
+    """Refuse an output_dir that is a file, and a new run into a directory that holds another run: its
+    checkpoints would be mixed with the new ones and its metrics interleaved."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"training.output_dir {run_dir} is a file, not a directory: choose a directory path")
+    held = previous_run(run_dir)
+    if held and cfg.checkpoint.resume == "none" and not cfg.training.overwrite_output_dir:
+        raise UserError(
+            f"training.output_dir {run_dir} already holds a run ({', '.join(held)}): continue it with "
+            "--checkpoint.resume auto, start it over with --training.overwrite_output_dir true (deletes "
+            "its checkpoints, metrics and summary), or choose another output_dir"
+        )
+
+
+def clear_previous_run(run_dir: Path) -> None:
+    """--training.overwrite_output_dir: remove what an earlier run wrote (call while holding the lock)."""
+    import shutil
+
+    for name in RUN_FILES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    for _, path in ckpt.find_checkpoints(run_dir):
+        path.unlink()
+
+
+def trim_metrics(path: Path, step: int) -> dict[str, Any]:
+    """On resume from `step`: drop the records logged after it (a killed run logs steps past its last
+    checkpoint, which the resumed run logs again) and lines cut short by a kill. Returns the metrics
+    already logged at `step`, which the resumed run must not log twice."""
+    if not path.is_file():
+        return {}
+    kept, at_step = [], {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line + "\n")
+            if record.get("step") == step:
+                at_step.update(record)
+    atomic_write_text(path, "".join(kept))
+    return at_step
+
+
+def check_batch_shape(path: Path, state: dict, cfg: TrainConfig) -> None:
+    """Resuming with another batch shape changes tokens per step and the data order from the saved
+    step on; it needs --checkpoint.allow_batch_change."""
+    saved = state.get("config") or {}
+    keys = (("data", "batch_size"), ("data", "sequence_length"), ("training", "grad_accumulation_steps"))
+    before = [saved.get(section, {}).get(key) for section, key in keys]
+    now = [getattr(getattr(cfg, section), key) for section, key in keys]
+    if None in before or before == now or cfg.checkpoint.allow_batch_change:
+        return
+    names = ", ".join(f"{section}.{key}" for section, key in keys)
+    raise UserError(
+        f"{path} (step {state['step']}) was written with {names} = {before} ({math.prod(before)} tokens per "
+        f"step and process), this run has {now} ({math.prod(now)}): from here on every step would see another "
+        "number of tokens and the data would continue in another order than the interrupted run's. Resume "
+        "with the checkpoint's values (the run's config.yaml), or pass --checkpoint.allow_batch_change true"
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -280,15 +365,10 @@ def gather_state(
 
 
 def restore_state(model: nn.Module, optimizer, scaler: LossScaler, loader, state: dict, env: DistEnv) -> int:
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, state["model"], options=opts)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
+    set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
+    load_full_optimizer_state(model, optimizer, state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     ckpt.restore_rng_state(state["rng"])
     data_state = state.get("data")
@@ -324,46 +404,171 @@ def _progress(cfg: TrainConfig, env: DistEnv, start: int, total: int):
 def train(cfg: TrainConfig, hooks: StepHooks | None = None) -> dict:
     """Run (or resume) a training job; returns the summary also written to `summary.json`.
     `hooks` replaces the ones `profiling.build_step_hooks` derives from cfg.profiling."""
-    env = detect_env()
-    device = resolve_device(cfg.training.device, env)
-    init_distributed(cfg.distributed, device, env)
+    # Handlers first: a signal during the start-up (minutes for a large model) still ends in a checkpoint
+    # and exit 85; they stay until the summary is written.
+    stop = StopRequest(parse_signals(cfg.checkpoint.signals))
     try:
-        summary = _train(cfg, env, device, hooks)
-    except BaseException:
-        cleanup()  # no barrier: the other ranks may be stuck in a collective or gone
-        raise
-    cleanup(synchronize=True)
+        env = detect_env()
+        device = resolve_device(cfg.training.device, env)
+        init_distributed(cfg.distributed, device, env)
+        try:
+            summary = _train(cfg, env, device, hooks, stop)
+        except BaseException:
+            cleanup()  # no barrier: the other ranks may be stuck in a collective or gone
+            raise
+        cleanup(synchronize=True)
+    finally:
+        stop.restore()
     return summary
 
 
-def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, hooks: StepHooks | None) -> dict:
+def on_main(env: DistEnv, fn):
+    """fn() on rank 0; its UserError is raised on every rank instead of leaving them in a collective."""
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except UserError as exc:
+            error = str(exc)
+    error = broadcast_object(error)
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+def open_run_dir(run_dir: Path, cfg: TrainConfig) -> tuple[DirectoryLock, bool]:
+    """Check, create and lock the run directory (rank 0). Returns the lock and whether it was created."""
+    check_run_dir(run_dir, cfg)
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # permissions, a read-only file system, a file in the way
+        raise UserError(f"training.output_dir {run_dir}: cannot create it ({exc.strerror})") from exc
+    lock = DirectoryLock(run_dir / ".lock", f"run directory {run_dir}").acquire()
+    if cfg.training.overwrite_output_dir and cfg.checkpoint.resume == "none":
+        clear_previous_run(run_dir)
+    return lock, created
+
+
+def _train(
+    cfg: TrainConfig, env: DistEnv, device: torch.device, hooks: StepHooks | None, stop: StopRequest
+) -> dict:
+    """A run, phase by phase. Nothing is written to the run directory before every check has passed."""
+    wall_start = time.perf_counter()
+    run_dir = resolve_run_dir(cfg, env)
+    lock, created = on_main(env, lambda: open_run_dir(run_dir, cfg)) or (None, False)
+    try:
+        run = set_up(cfg, env, device, run_dir)  # logging, tokenizer, model, optimizer, data
+        restore(run)  # --checkpoint.resume: check the checkpoint, then load it
+        write_run_files(run)  # config.yaml, tokenizer/, metrics.jsonl trimmed to the resumed step
+        start_metrics(run, hooks)  # FLOPs and MFU peak, metric sinks, profiler hooks, progress bar
+        train_steps(run, stop)  # the step loop, with its evaluations and checkpoints
+        finish(run, stop)  # the final checkpoint and evaluation
+        return write_summary(run, wall_start)  # summary.json, loss.png and the "done" line
+    except UserError:
+        if created and env.is_main and not (run_dir / "config.yaml").exists():
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)  # refused before writing anything: leave no trace
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+@dataclasses.dataclass
+class Run:
+    """What the phases of one run share: built by `set_up`, advanced by `restore` and `train_steps`."""
+
+    cfg: TrainConfig
+    env: DistEnv
+    device: torch.device
+    run_dir: Path
+    tokenizer: Any
+    args: Any  # TransformerModelArgs
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: LossScaler
+    amp: Any  # () -> the autocast context of cfg.precision
+    train_loader: Any
+    val_loader: Any  # None without a validation split
+    step: int = 0  # the last step taken (the resumed one before the loop)
+    start_step: int = 0
+    last_saved: int | None = None
+    exit_reason: str = "completed"  # or "signal", "diverged"
+    logged_at_start: dict[str, Any] = dataclasses.field(default_factory=dict)  # metrics of start_step
+    losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    val_history: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    skipped_total: int = 0
+    # Set by start_metrics:
+    fpt: float = 0.0  # training FLOPs per token
+    peak: Any = None
+    metric_log: Any = None  # rank 0 only
+    hooks: StepHooks | None = None
+    progress: Any = None
+    window: Throughput = dataclasses.field(default_factory=Throughput)  # since the last logged step
+    run_tp: Throughput = dataclasses.field(default_factory=Throughput)  # the whole run but its first step
+
+    @property
+    def model_args(self) -> dict:
+        return dataclasses.asdict(self.args)
+
+    def save(self, at_step: int) -> None:
+        """Checkpoint the full training state (a collective under FSDP: every rank calls it)."""
+        cfg = self.cfg
+        state = gather_state(
+            self.model,
+            self.optimizer,
+            step=at_step,
+            model_args=self.model_args,
+            scaler=self.scaler,
+            loader=self.train_loader,
+            cfg=cfg,
+            total_steps=cfg.training.steps,
+        )
+        if state is not None:
+            path = ckpt.save_checkpoint(self.run_dir, state, keep_last=cfg.checkpoint.keep_last)
+            logger.info("saved %s", path)
+        barrier()
+        self.last_saved = at_step
+
+    def validate(self, step: int) -> float | None:
+        """Validation loss at `step`, recorded in the history and metrics.jsonl."""
+        cfg = self.cfg
+        val = evaluate(
+            self.model,
+            self.val_loader,
+            cfg.training.eval_batches,
+            self.device,
+            self.amp,
+            cfg.training.loss_chunk,
+        )
+        if val is not None:
+            self.val_history.append((step, val))
+            if self.metric_log is not None:
+                self.metric_log.log(step, {"val_loss": val})
+        return val
+
+
+def set_up(cfg: TrainConfig, env: DistEnv, device: torch.device, run_dir: Path) -> Run:
+    """Logging, tokenizer, model (build, cast, move, compile, wrap), optimizer, loss scaler, data."""
     from lmtrain.data import build_dataloader, resolve_tokenizer
     from lmtrain.model import Transformer, model_args_from_config
 
-    wall_start = time.perf_counter()
-    run_dir = resolve_run_dir(cfg, env)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier()
     init_logging(env.rank, run_dir / "train.log")
-    stop = StopRequest(parse_signals(cfg.checkpoint.signals))
     logger.info("run directory %s (rank %d of %d, device %s)", run_dir, env.rank, env.world_size, device)
+    if env.is_main:
+        for stale in ckpt.remove_stale_temporaries(run_dir):
+            logger.warning("removed %s, left by a save that was killed", stale)
 
     seed_everything(cfg.training.seed)
     tokenizer = resolve_tokenizer(cfg.data)
     vocab_size = cfg.model.vocab_size or len(tokenizer)
     seq_len = cfg.model.seq_len or cfg.data.sequence_length
     args = model_args_from_config(cfg.model, vocab_size=vocab_size, seq_len=seq_len)
-    if env.is_main:
-        save_config(cfg, run_dir / "config.yaml")
-        if not (run_dir / "tokenizer").exists() and hasattr(tokenizer, "save_pretrained"):
-            tmp = run_dir / f".tokenizer-tmp-{os.getpid()}"
-            tokenizer.save_pretrained(str(tmp))
-            os.replace(tmp, run_dir / "tokenizer")
 
     # Model: build, cast, move, compile, wrap (in that order; checkpoints stay prefix-free).
     model = Transformer(args).to(device=device, dtype=torch_dtype(cfg.precision.model_dtype))
-    model_args = dataclasses.asdict(args)
     if cfg.training.compile:
         model = torch.compile(model, fullgraph=True)
     model = wrap_model(model, cfg.distributed, env, device)
@@ -378,86 +583,106 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, hooks: StepHook
     val_loader = build_dataloader(
         cfg.data, tokenizer, "val", seed=cfg.training.seed, rank=env.rank, world_size=env.world_size
     )
+    return Run(
+        cfg, env, device, run_dir, tokenizer, args, model, optimizer, scaler, amp, train_loader, val_loader
+    )
 
-    start_step = 0
-    resume = cfg.checkpoint.resume
-    if resume != "none":
-        found = (
-            ckpt.load_latest_valid(run_dir)
-            if resume == "auto"
-            else (Path(resume), ckpt.load_checkpoint(resume))
+
+def restore(run: Run) -> None:
+    """--checkpoint.resume auto|PATH: check that the checkpoint fits this run, then load its state."""
+    cfg, resume = run.cfg, run.cfg.checkpoint.resume
+    if resume == "none":
+        return
+    found = (
+        ckpt.load_latest_valid(run.run_dir)
+        if resume == "auto"
+        else (Path(resume), ckpt.load_checkpoint(resume))
+    )
+    if found is None:
+        logger.info("checkpoint.resume=auto: no checkpoint in %s yet; starting from step 0", run.run_dir)
+        return
+    path, state = found
+    check_batch_shape(path, state, cfg)
+    model_args = run.model_args
+    saved_args, built_args = dict(state["model_args"]), dict(model_args)
+    if cfg.checkpoint.allow_batch_change and built_args.get("pos") != "learned":
+        saved_args.pop("seq_len", None)  # only the size of the RoPE tables, not a weight
+        built_args.pop("seq_len", None)
+    if saved_args != built_args:
+        raise UserError(
+            f"{path} was written for model {state['model_args']}, but this run builds {model_args}; "
+            "resume with the run's own config.yaml (--config) or start a new output_dir"
         )
-        if found is None:
-            logger.info("checkpoint.resume=auto: no checkpoint in %s yet; starting from step 0", run_dir)
-        else:
-            path, state = found
-            if state["model_args"] != model_args:
-                raise UserError(
-                    f"{path} was written for model {state['model_args']}, but this run builds {model_args}; "
-                    "resume with the run's own config.yaml (--config) or start a new output_dir"
-                )
-            start_step = restore_state(model, optimizer, scaler, train_loader, state, env)
-            logger.info("resumed from %s at step %d", path, start_step)
-            del state
+    run.start_step = run.step = run.last_saved = restore_state(
+        run.model, run.optimizer, run.scaler, run.train_loader, state, run.env
+    )
+    logger.info("resumed from %s at step %d", path, run.start_step)
 
-    total_steps = cfg.training.steps
-    fpt = model_flops_per_token(args, cfg.data.sequence_length)
-    peak = resolve_peak(device, compute_dtype(cfg.precision), cfg.logging.peak_tflops)
+
+def write_run_files(run: Run) -> None:
+    """config.yaml and tokenizer/ (rank 0); on resume, metrics.jsonl keeps only what the checkpoint saw."""
+    if not run.env.is_main:
+        return
+    save_config(run.cfg, run.run_dir / "config.yaml")
+    if not (run.run_dir / "tokenizer").exists() and hasattr(run.tokenizer, "save_pretrained"):
+        tmp = run.run_dir / f".tokenizer-tmp-{os.getpid()}"
+        run.tokenizer.save_pretrained(str(tmp))
+        os.replace(tmp, run.run_dir / "tokenizer")
+    if run.cfg.checkpoint.resume != "none":
+        run.logged_at_start = trim_metrics(run.run_dir / "metrics.jsonl", run.start_step)
+
+
+def start_metrics(run: Run, hooks: StepHooks | None) -> None:
+    """FLOPs per token and the MFU peak (logged with the model size), metric sinks, hooks, progress bar."""
+    cfg, env = run.cfg, run.env
+    run.fpt = model_flops_per_token(run.args, cfg.data.sequence_length)
+    run.peak = resolve_peak(run.device, compute_dtype(cfg.precision), cfg.logging.peak_tflops)
     logger.info(
         "model %s: %.2fM parameters, %.3g GFLOP/token; MFU peak %.4g TFLOP/s per device (%s)",
         cfg.model.preset,
-        sum(p.numel() for p in model.parameters()) / 1e6,  # DTensor.numel() is the full size
-        fpt / 1e9,
-        peak.tflops,
-        peak.source,
+        sum(p.numel() for p in run.model.parameters()) / 1e6,  # DTensor.numel() is the full size
+        run.fpt / 1e9,
+        run.peak.tflops,
+        run.peak.source,
     )
-    metric_log = (
+    run.metric_log = (
         make_metric_logger(
-            run_dir,
+            run.run_dir,
             tensorboard=cfg.logging.tensorboard,
             wandb=cfg.logging.wandb,
-            name=run_dir.name,
+            name=run.run_dir.name,
             config=config_to_dict(cfg),
             console=False,
         )
         if env.is_main
         else None
     )
-    hooks = hooks if hooks is not None else _build_step_hooks(cfg, run_dir, device)
+    run.hooks = hooks if hooks is not None else _build_step_hooks(cfg, run.run_dir, run.device)
+    run.progress = _progress(cfg, env, run.start_step, cfg.training.steps)
+
+
+def train_steps(run: Run, stop: StopRequest) -> None:
+    """The step loop: data, learning rate, one optimizer step, metrics, evaluation, signal, checkpoint."""
+    cfg, env, device = run.cfg, run.env, run.device
+    model, optimizer, scaler, hooks, progress = run.model, run.optimizer, run.scaler, run.hooks, run.progress
+    window, run_tp, metric_log, fpt, peak = run.window, run.run_tp, run.metric_log, run.fpt, run.peak
+    total_steps, start_step, step = cfg.training.steps, run.start_step, run.step
     timer = StepTimer(device)
-    window = Throughput()
-    run_tp = Throughput()
-    losses: list[tuple[int, float]] = []
-    val_history: list[tuple[int, float]] = []
-    exit_reason = "completed"
     bad_streak = 0
-    skipped_total = 0
-    step = start_step
-    last_saved = start_step if start_step else None
-    progress = _progress(cfg, env, start_step, total_steps)
-
-    def save(at_step: int) -> None:
-        nonlocal last_saved
-        state = gather_state(
-            model,
-            optimizer,
-            step=at_step,
-            model_args=model_args,
-            scaler=scaler,
-            loader=train_loader,
-            cfg=cfg,
-            total_steps=total_steps,
-        )
-        if state is not None:
-            path = ckpt.save_checkpoint(run_dir, state, keep_last=cfg.checkpoint.keep_last)
-            logger.info("saved %s", path)
-        barrier()
-        last_saved = at_step
-
-    train_iter = iter(train_loader)
+    train_iter = iter(run.train_loader)
     try:
-        while step < total_steps:
+        if stop.any_rank():  # a signal during the start-up
+            logger.warning(
+                "signal %s during start-up: saving at step %d and exiting for requeue",
+                stop.received.name if stop.received else "on another rank",
+                step,
+            )
+            if run.last_saved != step:
+                run.save(step)
+            run.exit_reason = "signal"
+        while run.exit_reason == "completed" and step < total_steps:
             step += 1
+            run.step = step
             hooks.on_step_start(step)
             timer.start()
             t_data = time.perf_counter()
@@ -471,7 +696,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, hooks: StepHook
                 scaler,
                 micro,
                 device=device,
-                amp=amp,
+                amp=run.amp,
                 max_norm=cfg.optim.grad_max_norm,
                 hooks=hooks,
                 loss_chunk=cfg.training.loss_chunk,
@@ -482,7 +707,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, hooks: StepHook
                 run_tp.add(seconds, result.tokens, result.positions)
 
             if result.skipped:
-                skipped_total += 1
+                run.skipped_total += 1
                 overflow_only = result.finite_loss and scaler.__class__.__name__ == "DynamicLossScaler"
                 if not overflow_only:
                     bad_streak += 1
@@ -496,20 +721,20 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, hooks: StepHook
                         cfg.training.max_bad_steps,
                     )
                     if bad_streak >= cfg.training.max_bad_steps:
-                        exit_reason = "diverged"
+                        run.exit_reason = "diverged"
                         logger.error(
                             "stopping: %d consecutive steps with a non-finite loss or gradients. Lower "
                             "optim.lr, keep optim.grad_max_norm > 0, or use precision.amp=bf16; the last "
                             "good checkpoint (step %s) is kept in %s",
                             bad_streak,
-                            last_saved,
-                            ckpt.checkpoint_dir(run_dir),
+                            run.last_saved,
+                            ckpt.checkpoint_dir(run.run_dir),
                         )
             else:
                 bad_streak = 0
-                losses.append((step, result.loss))
+                run.losses.append((step, result.loss))
 
-            if step % cfg.logging.frequency == 0 or step == total_steps or exit_reason == "diverged":
+            if step % cfg.logging.frequency == 0 or step == total_steps or run.exit_reason == "diverged":
                 rates = window.rates()
                 per_device = rates["tokens_per_s"] / env.world_size
                 metrics: dict[str, Any] = {
@@ -524,7 +749,7 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, hooks: StepHook
                     "tflops_per_device": fpt * rates["positions_per_s"] / env.world_size / 1e12,
                     "mfu": mfu(fpt, rates["positions_per_s"] / env.world_size, peak.tflops),
                     "loss_scale": scaler.scale,
-                    "skipped_steps": skipped_total,
+                    "skipped_steps": run.skipped_total,
                 }
                 mem = peak_memory_gib(device)
                 if mem is not None:
@@ -548,16 +773,11 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, hooks: StepHook
                 progress.update(progress.task_ids[0], completed=step, info=f"loss {result.loss:.4f}")
 
             if cfg.training.eval_interval and step % cfg.training.eval_interval == 0 and step < total_steps:
-                val = evaluate(
-                    model, val_loader, cfg.training.eval_batches, device, amp, cfg.training.loss_chunk
-                )
+                val = run.validate(step)
                 if val is not None:
-                    val_history.append((step, val))
-                    if metric_log is not None:
-                        metric_log.log(step, {"val_loss": val})
                     logger.info("step %d: validation loss %.4f", step, val)
             hooks.on_step_end(step)
-            if exit_reason == "diverged":
+            if run.exit_reason == "diverged":
                 break
 
             if stop.any_rank():
@@ -566,8 +786,8 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, hooks: StepHook
                     stop.received.name if stop.received else "on another rank",
                     step,
                 )
-                save(step)
-                exit_reason = "signal"
+                run.save(step)
+                run.exit_reason = "signal"
                 break
             if (
                 cfg.checkpoint.interval
@@ -575,56 +795,68 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, hooks: StepHook
                 and step < total_steps
                 and bad_streak == 0  # never replace a good checkpoint's role with a bad step's state
             ):
-                save(step)
+                run.save(step)
     finally:
         hooks.close()
-        stop.restore()
         if progress is not None:
             progress.stop()
 
-    if exit_reason == "completed":
-        if last_saved != step:
-            save(step)
-        val = evaluate(model, val_loader, cfg.training.eval_batches, device, amp, cfg.training.loss_chunk)
-        if val is not None:
-            val_history.append((step, val))
-            if metric_log is not None:
-                metric_log.log(step, {"val_loss": val})
 
-    rates = run_tp.rates() if run_tp.steps else window.rates()
+def finish(run: Run, stop: StopRequest) -> None:
+    """After the last step: the final checkpoint and evaluation. A signal that arrived meanwhile still
+    exits for requeue (the requeued job finds the final checkpoint and only writes the summary)."""
+    if run.exit_reason != "completed":
+        return
+    step = run.step
+    if run.last_saved != step:
+        run.save(step)
+    if step == run.start_step and "val_loss" in run.logged_at_start:  # requeued after its final evaluation
+        run.val_history.append((step, float(run.logged_at_start["val_loss"])))
+    else:
+        run.validate(step)
+    if stop.any_rank():
+        logger.warning(
+            "signal %s after the last step: exiting for requeue",
+            stop.received.name if stop.received else "on another rank",
+        )
+        run.exit_reason = "signal"
+
+
+def write_summary(run: Run, wall_start: float) -> dict:
+    """summary.json, loss.png and the closing log line (rank 0); the summary on every rank."""
+    env, losses, val_history = run.env, run.losses, run.val_history
+    rates = run.run_tp.rates() if run.run_tp.steps else run.window.rates()
     summary = {
-        "exit_reason": exit_reason,
-        "steps": step,
-        "resumed_from": start_step or None,
-        "initial_train_loss": losses[0][1] if losses and start_step == 0 else None,
+        "exit_reason": run.exit_reason,
+        "steps": run.step,
+        "resumed_from": run.start_step or None,
+        "initial_train_loss": losses[0][1] if losses and run.start_step == 0 else None,
         "final_train_loss": losses[-1][1] if losses else None,
         # One batch's loss is noisy; the mean over the last 20 steps is the number to compare.
         "final_train_loss_avg20": sum(x for _, x in losses[-20:]) / len(losses[-20:]) if losses else None,
         "final_val_loss": val_history[-1][1] if val_history else None,
         "tokens_per_s": rates["tokens_per_s"],
         "positions_per_s": rates["positions_per_s"],
-        "mfu": mfu(fpt, rates["positions_per_s"] / env.world_size, peak.tflops),
-        "peak_tflops": peak.tflops,
-        "peak_source": peak.source,
-        "skipped_steps": skipped_total,
+        "mfu": mfu(run.fpt, rates["positions_per_s"] / env.world_size, run.peak.tflops),
+        "peak_tflops": run.peak.tflops,
+        "peak_source": run.peak.source,
+        "skipped_steps": run.skipped_total,
         "wall_time_s": time.perf_counter() - wall_start,
         "world_size": env.world_size,
-        "run_dir": str(run_dir),
+        "run_dir": str(run.run_dir),
     }
     if env.is_main:
-        if metric_log is not None:
-            metric_log.close()
-        tmp = run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, run_dir / "summary.json")
+        if run.metric_log is not None:
+            run.metric_log.close()
+        atomic_write_text(run.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         try:
-            write_loss_plot(run_dir / "metrics.jsonl", run_dir / "loss.png")
+            write_loss_plot(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
         except Exception as exc:  # a plot must never fail a finished run
             logger.warning("could not write loss.png: %s", exc)
         logger.info(
             "done (%s): %d steps, final train loss %s, val loss %s, %.0f tokens/s, %.1f s",
-            exit_reason,
-            step,
+            run.exit_reason,
+            run.step,
             summary["final_train_loss"],
             summary["final_val_loss"],
             summary["tokens_per_s"],

@@ -366,3 +366,27 @@ def test_bad_constructor_input(trained):
         Tokenizer({0: b"a"}, [])
     with pytest.raises(UserError, match="expected a str"):
         tok.encode(b"bytes")
+
+
+@pytest.mark.parametrize("specials", [[], ["|"]])
+def test_encode_iterable_of_long_text_without_or_with_one_character_special(specials):
+    """Streams longer than the 65,536-character buffer: the cut never reads past the buffer's end."""
+    vocab = {i: bytes([i]) for i in range(256)}
+    vocab[256] = b"ab"
+    tok = Tokenizer(vocab, [(b"a", b"b")], specials)
+    text = "ab cd. 12 " * 7000 + "x" * 5  # 70,005 characters
+    assert list(tok.encode_iterable(iter([text]))) == tok.encode(text)
+    chunks = [text[i : i + 1000] for i in range(0, len(text), 1000)]
+    assert list(tok.encode_iterable(chunks)) == tok.encode(text)
+
+
+def test_saved_files_follow_the_umask(tmp_path):
+    import os
+
+    tok = Tokenizer({i: bytes([i]) for i in range(256)}, [], [EOT])
+    old = os.umask(0o027)
+    try:
+        paths = [tok.save(tmp_path / "tokenizer.json"), *tok.save_gpt2_files(tmp_path)]
+    finally:
+        os.umask(old)
+    assert {oct(p.stat().st_mode & 0o777) for p in paths} == {"0o640"}  # as open() would create them

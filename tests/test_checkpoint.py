@@ -107,3 +107,113 @@ def test_foreign_file_is_a_user_error(tmp_path):
 def test_strip_prefixes():
     assert ckpt.strip_prefixes("_orig_mod.module.layers.0.w") == "layers.0.w"
     assert ckpt.strip_prefixes("layers.0.attention.wq.weight") == "layers.0.attention.wq.weight"
+
+
+def test_restored_optimizer_equals_the_saved_one():
+    """AdamW's betas tuple comes back a tuple (torch's state-dict helpers turn it into a list)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from lmtrain.distributed import load_full_optimizer_state
+
+    torch.manual_seed(0)
+    saved_model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    saved = torch.optim.AdamW(saved_model.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    saved_model(torch.randn(3, 4)).sum().backward()
+    saved.step()
+    full = get_optimizer_state_dict(saved_model, saved, options=StateDictOptions(full_state_dict=True))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model.load_state_dict(saved_model.state_dict())
+    restored = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    load_full_optimizer_state(model, restored, full)
+    assert restored.param_groups[0]["betas"] == (0.9, 0.95)
+    assert isinstance(restored.param_groups[0]["betas"], tuple)
+    assert restored.state_dict()["param_groups"] == saved.state_dict()["param_groups"]
+
+
+def test_pruning_keeps_new_checkpoints_when_a_higher_step_is_present(tmp_path):
+    """A file of a higher step (another run's, a copy, a corrupt one) never makes the new ones be pruned."""
+    foreign = ckpt.checkpoint_path(tmp_path, 500)
+    foreign.parent.mkdir(parents=True)
+    foreign.write_bytes(b"not a checkpoint")
+    for step in (2, 4, 6, 8):
+        ckpt.save_checkpoint(tmp_path, _state(step), keep_last=2)
+    assert [s for s, _ in ckpt.find_checkpoints(tmp_path)] == [6, 8, 500]
+    path, state = ckpt.load_latest_valid(tmp_path)  # the corrupt step 500 is skipped
+    assert state["step"] == 8
+
+
+def test_all_unreadable_checkpoints_fail_with_each_file_and_error(tmp_path):
+    for step in (3, 6):
+        ckpt.save_checkpoint(tmp_path, _state(step))
+    ckpt.checkpoint_path(tmp_path, 3).write_bytes(b"PK\x03\x04 truncated")
+    ckpt.checkpoint_path(tmp_path, 6).write_bytes(b"")
+    with pytest.raises(UserError) as err:
+        ckpt.load_latest_valid(tmp_path)
+    message = str(err.value)
+    assert "none of the 2 checkpoints" in message
+    assert "step-00000003.pt: " in message and "step-00000006.pt: " in message
+    assert "move them away" in message
+    with pytest.raises(UserError, match="none of the 2 checkpoints"):
+        ckpt.load_for_inference(tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x02garbage pickle", b"PK\x03\x04" + b"\0" * 40])
+def test_corrupt_file_is_a_user_error_naming_it(tmp_path, content):
+    path = tmp_path / "given.pt"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=r"given\.pt is not a readable checkpoint"):
+        ckpt.load_checkpoint(path)
+
+
+def test_step_picks_one_checkpoint_and_a_missing_step_lists_the_others(tmp_path):
+    for step in (2, 4):
+        ckpt.save_checkpoint(tmp_path, _state(step))
+    path, state = ckpt.load_latest_valid(tmp_path, step=2)
+    assert state["step"] == 2 and path == ckpt.checkpoint_path(tmp_path, 2)
+    with pytest.raises(UserError, match=r"no checkpoint of step 3 .* it has steps \[2, 4\]"):
+        ckpt.load_latest_valid(tmp_path, step=3)
+
+
+def test_stale_temporaries_are_removed(tmp_path):
+    ckpt.save_checkpoint(tmp_path, _state(2))
+    stale = ckpt.checkpoint_dir(tmp_path) / ".step-00000004.pt.tmp-999999"
+    stale.write_bytes(b"half a checkpoint")
+    assert ckpt.remove_stale_temporaries(tmp_path) == [stale]
+    assert not stale.exists() and ckpt.checkpoint_path(tmp_path, 2).exists()
+
+
+DISK_FULL_SCRIPT = """
+import resource, signal, sys, torch
+from lmtrain import checkpoint as ckpt
+from lmtrain.errors import UserError
+run = sys.argv[1]
+base = {"model_args": {}, "optimizer": {}, "config": {}}
+ckpt.save_checkpoint(run, {**base, "model": {"w": torch.zeros(1000)}, "step": 5})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+try:
+    ckpt.save_checkpoint(run, {**base, "model": {"w": torch.zeros(1 << 20)}, "step": 10})
+except UserError as exc:
+    print(exc)
+    sys.exit(2)
+"""
+
+
+def test_a_failed_write_is_one_line_naming_path_space_and_the_intact_checkpoint(tmp_path):
+    """A real write failure: the file size limit (RLIMIT_FSIZE) stops the write as a full disk would."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", DISK_FULL_SCRIPT, str(tmp_path)], cwd=repo,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    line = out.stdout.strip()
+    assert "\n" not in line
+    assert f"could not write checkpoint {ckpt.checkpoint_path(tmp_path, 10)}" in line
+    assert "needs about 4.0 MiB" in line and "MiB is free" in line
+    assert line.endswith("the previous checkpoint (step 5) is intact")
+    assert [s for s, _ in ckpt.find_checkpoints(tmp_path)] == [5]
+    assert ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path, 5))["step"] == 5
+    assert not list(ckpt.checkpoint_dir(tmp_path).glob(".*tmp*"))  # no half-written file left

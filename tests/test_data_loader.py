@@ -197,3 +197,33 @@ def test_jsonl_and_token_file_datasets(tmp_path, pipeline):
         text = TOK.decode(batch["input_ids"][0].tolist())
         assert "line " in text
         assert build_dataloader(cfg_for(dataset, pipeline=pipeline), TOK, "val", seed=0) is None
+
+
+def test_pretokenized_files_are_matched_to_their_tokenizer_by_fingerprint_not_size(tmp_path):
+    """A tokenizer of the same size whose ids mean other bytes is refused (not trained on silently)."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    from lmtrain.data.prepare import main as prepare_main
+    from lmtrain.data.tokenizers import tokenizer_fingerprint
+
+    (tmp_path / "c.txt").write_text("<|endoftext|>".join(f"text number {i}" for i in range(30)))
+    out = tmp_path / "c"
+    prepare_main(["--source", str(tmp_path / "c.txt"), "--out", str(out), "--pretokenize"])
+    meta = json.loads((out / "train.tokens.json").read_text())
+    assert meta["tokenizer_fingerprint"] == tokenizer_fingerprint(TOK)
+    spec = json.loads(TOK.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    a, b = (
+        next(k for k, v in vocab.items() if v == ord("a")),
+        next(k for k, v in vocab.items() if v == ord("b")),
+    )
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # the same 259 tokens, two ids swapped
+    (tmp_path / "swapped.json").write_text(json.dumps(spec))
+    swapped = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "swapped.json"), bos_token="<s>",
+                                      eos_token="</s>", pad_token="<pad>")  # fmt: skip
+    assert len(swapped) == len(TOK) and tokenizer_fingerprint(swapped) != tokenizer_fingerprint(TOK)
+    assert build_dataloader(cfg_for(out), TOK, "train", seed=0) is not None
+    with pytest.raises(UserError, match="tokenized by another tokenizer of the same size 259"):
+        build_dataloader(cfg_for(out), swapped, "train", seed=0)

@@ -93,3 +93,31 @@ def test_cli_exports_a_run_that_transformers_loads(tmp_path):
         main(["--run", str(run), "--out", str(out)])
     assert main(["--run", str(run), "--out", str(out), "--force"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]  # no temporary leftovers
+
+
+def test_cli_out_errors_and_step_and_shared_permissions(tmp_path):
+    import os
+
+    tok = build_tokenizer(tmp_path / "run" / "tokenizer")
+    model = random_llama(vocab_size=len(tok))
+    write_run(tmp_path, random_llama(vocab_size=len(tok), n_layers=1), 3)
+    run = write_run(tmp_path, model, 7)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(UserError, match="is a file, not a directory"):
+        main(["--run", str(run), "--out", str(a_file)])
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    if not os.access(locked, os.W_OK):  # root may write anywhere
+        with pytest.raises(UserError, match="cannot write in .*locked"):
+            main(["--run", str(run), "--out", str(locked / "hf")])
+    old = os.umask(0o022)
+    try:
+        (run / "checkpoints" / "step-00000007.pt").write_bytes(b"")  # unreadable newest: falls back
+        assert main(["--run", str(run), "--out", str(tmp_path / "hf"), "--step", "3"]) == 0
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "hf").stat().st_mode & 0o777) == "0o755"  # mkdir's mode, not mkdtemp's 0700
+    from transformers import LlamaConfig
+
+    assert LlamaConfig.from_pretrained(tmp_path / "hf").num_hidden_layers == 1  # the step-3 model

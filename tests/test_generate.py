@@ -193,3 +193,23 @@ def test_run_without_checkpoints(tmp_path):
         latest_checkpoint(tmp_path)
     with pytest.raises(UserError, match="no such directory"):
         main(["--run", str(tmp_path / "absent")])
+
+
+def test_cli_falls_back_past_an_unreadable_newest_checkpoint_and_takes_step(tmp_path, capsys):
+    tok = build_tokenizer(tmp_path / "run" / "tokenizer")
+    older, newer = make_model(seed=1, vocab_size=len(tok)), make_model(seed=2, vocab_size=len(tok))
+    write_run(tmp_path, older, 5)
+    run = write_run(tmp_path, newer, 40)
+    argv = ["--run", str(run), "--prompt", "hello", "--max-new-tokens", "3", "--temperature", "0"]
+    assert main([*argv, "--step", "5"]) == 0
+    assert "# step-00000005.pt (step 5)" in capsys.readouterr().err
+    (run / "checkpoints" / "step-00000040.pt").write_bytes(b"PK\x03\x04 cut short by a killed copy")
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "cannot read checkpoint" in err and "step-00000040.pt" in err and "trying the previous" in err
+    assert "# step-00000005.pt (step 5)" in err
+    with pytest.raises(UserError, match=r"no checkpoint of step 7 .* it has steps \[5, 40\]"):
+        main([*argv, "--step", "7"])
+    (run / "checkpoints" / "step-00000005.pt").write_bytes(b"")
+    with pytest.raises(UserError, match="none of the 2 checkpoints"):
+        main(argv)

@@ -106,13 +106,18 @@ def test_no_warmup_starts_at_peak():
     assert lr_at(1, cfg, 1.0, 1000) == pytest.approx(1.0, rel=1e-4)
 
 
-def test_clip_matches_torch_and_detects_non_finite():
+def two_equal_models_with_large_gradients() -> tuple[Tiny, Tiny]:
     torch.manual_seed(0)
     a, b = Tiny(), Tiny()
     b.load_state_dict(a.state_dict())
     x = torch.randint(0, 11, (4, 5))
     for m in (a, b):
         (m(x) * 100).sum().backward()
+    return a, b
+
+
+def test_clip_matches_torch_and_detects_non_finite():
+    a, b = two_equal_models_with_large_gradients()
     norm, finite = clip_grad_norm(list(a.parameters()), 1.0)
     ref = torch.nn.utils.clip_grad_norm_(list(b.parameters()), 1.0)
     assert finite and norm == pytest.approx(float(ref), rel=1e-5)
@@ -132,3 +137,12 @@ def test_clip_zero_measures_only():
     norm, finite = clip_grad_norm(list(m.parameters()), 0.0)
     assert finite and norm > 1.0
     assert all(torch.equal(g, p.grad) for g, p in zip(before, m.parameters()))
+
+
+def test_clip_accepts_a_generator_like_torch():
+    a, b = two_equal_models_with_large_gradients()
+    norm, finite = clip_grad_norm(a.parameters(), 1.0)  # a generator, as users write it
+    ref = torch.nn.utils.clip_grad_norm_(b.parameters(), 1.0)
+    assert finite and norm == pytest.approx(float(ref), rel=1e-5) and norm > 1.0
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad)

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from lmtrain.config import DataConfig
 from lmtrain.data.datasets import CollatorForCLM, PackedDataset, PaddedDocuments, epoch_order
 from lmtrain.data.sources import TokenFile, open_split
+from lmtrain.data.tokenizers import tokenizer_fingerprint
 from lmtrain.errors import UserError
 
 
@@ -42,6 +43,14 @@ def build_dataloader(
             f"{source.path} was tokenized with a vocabulary of {source.meta.get('vocab_size')} but the tokenizer "
             f"has {len(tokenizer)}: use the tokenizer saved beside it (leave data.tokenizer empty) or re-run "
             f"`lmtrain prepare --pretokenize` with this tokenizer"
+        )
+    fingerprint = source.meta.get("tokenizer_fingerprint") if isinstance(source, TokenFile) else None
+    if fingerprint is not None and fingerprint != tokenizer_fingerprint(tokenizer):
+        raise UserError(
+            f"{source.path} was tokenized by another tokenizer of the same size {len(tokenizer)} "
+            f"(fingerprint {fingerprint}, this one's is {tokenizer_fingerprint(tokenizer)}): its ids would "
+            "mean other tokens. Use the tokenizer saved beside it (leave data.tokenizer empty) or re-run "
+            "`lmtrain prepare --pretokenize` with this tokenizer"
         )
     if cfg.num_workers > 0:
         # Each worker tokenizes on one core; this also silences the tokenizers fork warning.

@@ -34,8 +34,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lmtrain.data.sources import current_umask, write_token_file
-from lmtrain.data.tokenizers import BOS, SPECIAL_TOKENS, hf_byte_level_bpe, load_tokenizer
+from lmtrain.data.tokenizers import (
+    BOS,
+    SPECIAL_TOKENS,
+    hf_byte_level_bpe,
+    load_tokenizer,
+    tokenizer_fingerprint,
+)
 from lmtrain.errors import UserError
+from lmtrain.runlock import DirectoryLock
 
 ROWS_PER_GROUP = 1024
 MAX_REPORTED_LINES = 5
@@ -326,10 +333,20 @@ def _progress(enabled: bool):
 
 
 def prepare(args: argparse.Namespace, progress: bool | None = None) -> dict:
-    """Build args.out (see the module docstring); returns the prepare.json contents."""
+    """Build args.out (see the module docstring) under a lock; returns the prepare.json contents."""
+    out = Path(args.out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, permissions
+        raise UserError(f"--out {out}: cannot create the directory {out.parent} ({exc.strerror})") from exc
+    # Two builds of one --out would both succeed and one would silently replace the other.
+    with DirectoryLock(out.parent / f".{out.name}.lock", f"--out {out}"):
+        return _prepare_locked(args, out, progress)
+
+
+def _prepare_locked(args: argparse.Namespace, out: Path, progress: bool | None) -> dict:
     import time
 
-    out = Path(args.out)
     stats = SourceStats()
     docs, fingerprint = open_source(args, stats)
     recorded = {
@@ -426,7 +443,10 @@ def _build(args, docs, stats: SourceStats, tmp: Path, recorded: dict, progress, 
         for split in ("train", "val"):
             if counts[split]:
                 meta = write_token_file(
-                    tmp / split, tokenize_split(tmp / f"{split}.parquet", tokenizer), len(tokenizer)
+                    tmp / split,
+                    tokenize_split(tmp / f"{split}.parquet", tokenizer),
+                    len(tokenizer),
+                    {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)},
                 )
                 info["tokens"][split] = meta["num_tokens"]
     (tmp / "prepare.json").write_text(json.dumps(info, indent=2) + "\n")

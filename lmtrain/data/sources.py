@@ -75,7 +75,8 @@ def read_parquet_column(path: Path, column: str = "text"):
     if column not in schema.names:
         raise UserError(
             f"parquet file {path} has no column {column!r}; its columns are {schema.names}. "
-            f"Rename the text column or pass --text-field"
+            f"Training reads the column {column!r}: rename the text column, or build a dataset directory "
+            f"with `lmtrain prepare --source {path} --text-field NAME --out DIR` and train on DIR"
         )
     if not (
         pa.types.is_string(schema.field(column).type) or pa.types.is_large_string(schema.field(column).type)

@@ -180,3 +180,24 @@ def resolve_tokenizer(cfg: DataConfig) -> PreTrainedTokenizerFast:
         f"exist): set --data.tokenizer (e.g. `byte`, a directory or a hub name), or build the dataset "
         f"with `lmtrain prepare --out DIR --tokenizer ...`"
     )
+
+
+# Text whose ids depend on the vocabulary, the merges and the pre-tokenizer: letters, digits, spaces,
+# punctuation, code, non-ASCII and emoji.
+_FINGERPRINT_PROBE = (
+    "The quick brown fox jumps over the lazy dog. 0123456789 3.14159 1,000,000\n"
+    "def main(argv):\n    return {'a': [1, 2]}  # done\n\tx != y && z <= w\n"
+    "Grüße, naïve café; 日本語 한국어 Ελληνικά русский 🙂👍🏽 it's we'll DON'T"
+)
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """A short hash that tells tokenizers apart: its vocabulary (token -> id) and the ids of a probe text.
+    Two tokenizers of the same size but other tokens, ids or merges get different fingerprints."""
+    import hashlib
+    import json
+
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8"))
+    digest.update(json.dumps(tok.encode(_FINGERPRINT_PROBE, add_special_tokens=False)).encode())
+    return digest.hexdigest()[:16]

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import regex
 
+from lmtrain.atomic import atomic_write_text
 from lmtrain.errors import UserError
 from lmtrain.tokenizer.pretokenize import (
     GPT2_REGEX,
@@ -76,18 +76,6 @@ def _is_safe_cut(buf: str, p: int) -> bool:
     if x == "W":
         return y in ("L", "N", "P") and (p < 2 or _char_class(buf[p - 2]) not in ("S", "W"))
     return False
-
-
-def _atomic_write(path: Path, data: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Tokenizer:
@@ -210,7 +198,8 @@ class Tokenizer:
         longer one, so cuts stay before that zone; inside it, ends of special tokens and pre-token
         boundaries that no continuation can change (see _is_safe_cut) qualify. 0 when there is none.
         """
-        limit = len(buf) - (self._max_special - 1)
+        # A cut at p reads buf[p], so p < len(buf) even without special tokens.
+        limit = len(buf) - max(self._max_special - 1, 1)
         if limit <= 0:
             return 0
         spans = [] if self._splitter is None else [m.span() for m in self._splitter.finditer(buf)]
@@ -295,9 +284,9 @@ class Tokenizer:
         """Write `vocab.json` and `merges.txt` (GPT-2's format) into `directory`."""
         d = Path(directory)
         vocab_path, merges_path = d / "vocab.json", d / "merges.txt"
-        _atomic_write(vocab_path, json.dumps(self._string_vocab(), ensure_ascii=False, indent=0) + "\n")
+        atomic_write_text(vocab_path, json.dumps(self._string_vocab(), ensure_ascii=False, indent=0) + "\n")
         lines = ["#version: 0.2"] + [f"{encode_token(a)} {encode_token(b)}" for a, b in self.merges]
-        _atomic_write(merges_path, "\n".join(lines) + "\n")
+        atomic_write_text(merges_path, "\n".join(lines) + "\n")
         return vocab_path, merges_path
 
     @classmethod
@@ -407,7 +396,7 @@ class Tokenizer:
         p = Path(path)
         if p.is_dir():
             p = p / "tokenizer.json"
-        _atomic_write(p, json.dumps(self.to_hf_json(), ensure_ascii=False, indent=1) + "\n")
+        atomic_write_text(p, json.dumps(self.to_hf_json(), ensure_ascii=False, indent=1) + "\n")
         return p
 
     @classmethod
