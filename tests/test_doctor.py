@@ -224,3 +224,53 @@ def test_doctor_names_the_six_planted_problems_and_few_in_the_fixed_version(tmp_
     assert not checks(fixed) & PLANTED[name], to_markdown(fixed)
     for finding in planted["findings"]:
         assert finding["fix"] and finding["evidence"]
+
+
+# ----------------------------------------------------------------------------- CUDA events (no GPU here)
+
+
+def test_cuda_paths_on_a_cpu_trace_with_injected_cuda_events_mock(tmp_path):
+    """No GPU here: a real CPU trace gets the CUDA events torch.profiler writes on a GPU (cuda_runtime
+    calls inside the ops, kernels and copies linked by `correlation`), in their documented form."""
+    doc = json.loads(user_loop(tmp_path / "t.json", item_every_step=True, width=512, batch=64).read_text())
+    events, extra, corr = doc["traceEvents"], [], 0
+
+    def launch(op: dict, cat: str, name: str, dur: float, args: dict | None = None) -> None:
+        nonlocal corr
+        corr += 1
+        runtime = "cudaMemcpyAsync" if cat == "gpu_memcpy" else "cudaLaunchKernel"
+        extra.append({"ph": "X", "cat": "cuda_runtime", "name": runtime, "pid": op["pid"], "tid": op["tid"],
+                      "ts": op["ts"], "dur": min(op["dur"], 1.0), "args": {"correlation": corr}})  # fmt: skip
+        extra.append({"ph": "X", "cat": cat, "name": name, "pid": 0, "tid": 7, "ts": op["ts"] + 5, "dur": dur,
+                      "args": {"correlation": corr, "device": 0, "stream": 7, **(args or {})}})  # fmt: skip
+
+    steps = [e for e in events if e.get("name", "").startswith("ProfilerStep#")]
+    for e in [e for e in events if e.get("cat") == "cpu_op"]:
+        if e["name"] in ("aten::mm", "aten::addmm"):
+            launch(e, "kernel", "ampere_sgemm_128x64_tn", 1000.0)
+        elif e["name"] == "aten::_local_scalar_dense":
+            launch(e, "gpu_memcpy", "Memcpy DtoH (Device -> Pageable)", 2.0, {"bytes": 4})
+            extra.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "pid": e["pid"],
+                          "tid": e["tid"], "ts": e["ts"] + e["dur"] / 2, "dur": e["dur"] / 4, "args": {}})  # fmt: skip
+    for step in steps:
+        launch(step, "gpu_memcpy", "Memcpy HtoD (Pageable -> Device)", 300.0, {"bytes": 2**20})
+    for e in events:
+        if e.get("name") == "[memory]":
+            e["args"]["Device Type"], e["args"]["Device Id"] = 1, 0
+    doc["traceEvents"] = events + extra
+    path = tmp_path / "cuda.json"
+    path.write_text(json.dumps(doc))
+
+    report = diagnose(path)
+    found = {f["check"]: f for f in report["findings"]}
+    assert report["device"] == "cuda" and report["memory"]["device"] == "cuda"
+    assert not any(n.startswith("pageable-copy:") for n in report["notes"])
+    copy = found["pageable-copy"]
+    assert "1 HtoD copies/step, 1.0 MiB/step" in copy["evidence"] and copy["ms_per_step"] == pytest.approx(
+        0.3
+    )
+    sync = found["host-sync"]
+    assert "cudaStreamSynchronize x1" in sync["evidence"] and "blocked in CUDA" in sync["measured"]
+    fp32 = found["fp32-matmul"]
+    assert fp32["measured"] == "GPU kernel time of fp32 matmuls"
+    assert fp32["ms_per_step"] == pytest.approx(8.0)  # 8 matmuls/step (3 forward, 5 backward) x 1 ms

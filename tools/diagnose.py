@@ -119,6 +119,7 @@ class Span:
     args: dict
     parent: Span | None = None
     depth: int = 0
+    device_us: float = 0.0  # time of the GPU kernels and copies this span launched (CUDA traces)
 
     @property
     def end(self) -> float:
@@ -246,6 +247,21 @@ def nest(spans: list[Span]) -> None:
             stack.append(s)
 
 
+def attribute_device_time(host: list[Span], device: list[Span]) -> None:
+    """Add each kernel's and copy's duration to the host spans around the runtime call that launched it
+    (the `correlation` arg links the two)."""
+    by_corr: dict[object, float] = defaultdict(float)
+    for d in device:
+        if "correlation" in d.args:
+            by_corr[d.args["correlation"]] += d.dur
+    for r in host:
+        if r.cat == "cuda_runtime" and r.args.get("correlation") in by_corr:
+            us = by_corr[r.args["correlation"]]
+            r.device_us += us
+            for a in r.ancestors():
+                a.device_us += us
+
+
 def load_trace(path: Path) -> Trace:
     path = find_trace(Path(path))
     events, meta = read_events(path)
@@ -273,6 +289,7 @@ def load_trace(path: Path) -> Trace:
             "recorded with ProfilerActivity.CPU"
         )
     nest(host)
+    attribute_device_time(host, device)
     trace = Trace(path, host, device, sorted(memory, key=lambda m: m["ts"]), meta)
     trace.steps, trace.step_source = find_steps(host)
     trace.starts = [s for s, _ in trace.steps]
@@ -442,15 +459,23 @@ class Doctor:
             self.notes.append("fp32-matmul: the trace has no input types; profile with record_shapes=True")
             return None
         fp32 = [s for s in mms if s.input_type() == "float"]
-        total = sum(s.dur for s in mms)
-        ms, share = self.per_step(sum(s.dur for s in fp32))
-        if not fp32 or sum(s.dur for s in fp32) < FP32_MATMUL_SHARE * total or share < FP32_STEP_SHARE:
+        # on a GPU the host only launches: the kernels' time is what fp32 costs
+        cost = (lambda s: s.device_us) if self.trace.device else (lambda s: s.dur)
+        ms, share = self.per_step(sum(map(cost, fp32)))
+        if (
+            not fp32
+            or sum(map(cost, fp32)) < FP32_MATMUL_SHARE * sum(map(cost, mms))
+            or share < FP32_STEP_SHARE
+        ):
             return None
-        biggest = max(fp32, key=lambda s: s.dur)
+        biggest = max(fp32, key=cost)
+        what = (
+            "GPU kernel time of fp32 matmuls"
+            if self.trace.device
+            else "host time of fp32 matmuls on this CPU; the bf16 gain on tensor cores needs a GPU to measure"
+        )
         return Finding("fp32-matmul", ms, share, f"{len(fp32) / self.n:.0f} of {len(mms) / self.n:.0f} matmuls/step "
-                       f"in fp32; longest {biggest.name} {biggest.dims()}",
-                       "host time of fp32 matmuls" + ("" if self.trace.has_cuda else
-                       " on this CPU; the bf16 gain on tensor cores needs a GPU to measure"))  # fmt: skip
+                       f"in fp32; longest {biggest.name} {biggest.dims()}", what)  # fmt: skip
 
     def tiny_ops(self) -> Finding | None:
         """Python loops over small ops: the same op with the same shapes called again and again, only a few
