@@ -144,6 +144,17 @@ def test_json_markdown_and_plain_output(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["steps"] == 4
 
 
+def test_rich_tables_on_a_terminal(tmp_path, capsys, monkeypatch):
+    trace = user_loop(tmp_path / "t.json", item_every_step=True)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert main([str(trace)]) == 0
+    out = capsys.readouterr().out
+    assert "host-device syncs inside the step" in out and "peak memory by category" in out
+    assert "│" in out or "┃" in out  # drawn as a table, not plain lines
+    assert main([str(trace), "--plain"]) == 0
+    assert capsys.readouterr().out.startswith(f"{trace}: 4 steps")
+
+
 def test_doctor_is_an_lmtrain_subcommand():
     entry = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"][
         "lmtrain.commands"

@@ -398,9 +398,7 @@ class Doctor:
         ]
         per_step = in_steps(self.trace, syncs)
         cuda_waits = in_steps(self.trace, [s for s in self.trace.host if s.name in CUDA_SYNC_CALLS])
-        if self.steps_with(per_step) + self.steps_with(cuda_waits) == 0 or max(
-            self.steps_with(per_step), self.steps_with(cuda_waits)
-        ) < max(1, self.n // 2):
+        if max(self.steps_with(per_step), self.steps_with(cuda_waits)) < max(1, (self.n + 1) // 2):
             return None  # an occasional read at a logging step is fine; every step is not
         counts = Counter(s.name.removeprefix("aten::") for spans in per_step.values() for s in spans)
         evidence = ", ".join(f"{name} x{c / self.n:.0f}" for name, c in counts.most_common()) + " per step"
@@ -773,7 +771,7 @@ def print_rich(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=max(Console().width, 160))  # evidence and fixes are long: wrap less
     table = Table(title=_headline(report), title_justify="left", show_lines=True)
     for col, kw in (("#", {"justify": "right"}), ("problem", {"style": "bold"}), ("cost/step", {"justify": "right"}),
                     ("evidence", {}), ("fix", {"style": "green"})):  # fmt: skip
