@@ -77,11 +77,13 @@ def start_profiler(steps: int, device: torch.device) -> torch.profiler.profile:
 
 
 def run_steps(loader: Iterable, train_step: Callable[[int, object], None], steps: int, device: torch.device,
-              profile_out: str | None = None) -> float:  # fmt: skip
-    """Call train_step(step, batch) `steps` times, epoch after epoch; the mean seconds of a step after the
-    first two (those include warm-up and compilation)."""
+              profile_out: str | None = None) -> tuple[float, float]:  # fmt: skip
+    """Call train_step(step, batch) `steps` times, epoch after epoch; (wall, CPU) seconds of a step, mean
+    over the steps after the first two (those include warm-up and compilation). CPU time is this process's,
+    all threads: on a busy machine it is steadier than wall time."""
     prof = start_profiler(steps, device) if profile_out else None
-    step_times, step, start = [], 0, time.perf_counter()
+    times, step = [], 0
+    start = (time.perf_counter(), time.process_time())
     while step < steps:
         for batch in loader:
             train_step(step, batch)
@@ -89,8 +91,8 @@ def run_steps(loader: Iterable, train_step: Callable[[int, object], None], steps
                 prof.step()  # marks the step: ProfilerStep#N in the trace
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            now = time.perf_counter()
-            step_times.append(now - start)
+            now = (time.perf_counter(), time.process_time())
+            times.append((now[0] - start[0], now[1] - start[1]))
             start, step = now, step + 1
             if step >= steps:
                 break
@@ -98,5 +100,9 @@ def run_steps(loader: Iterable, train_step: Callable[[int, object], None], steps
         prof.stop()
         prof.export_chrome_trace(profile_out)
         print(f"trace: {profile_out}")
-    steady = step_times[2:] or step_times
-    return sum(steady) / len(steady)
+    steady = times[2:] or times
+    return sum(w for w, _ in steady) / len(steady), sum(c for _, c in steady) / len(steady)
+
+
+def report(seconds: tuple[float, float]) -> None:
+    print(f"mean step time: {1e3 * seconds[0]:.1f} ms wall, {1e3 * seconds[1]:.1f} ms CPU")

@@ -27,7 +27,7 @@ from collections import Counter
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from shared import Block, example_parser, fused_attention, run_steps
+from shared import Block, example_parser, fused_attention, report, run_steps
 from torch.utils.data import DataLoader, Dataset
 
 # ----------------------------------------------------------------------------- data
@@ -203,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> float:
-    """Train; return the mean wall time of a step after the first two (seconds)."""
+def main(argv: list[str] | None = None) -> tuple[float, float]:
+    """Train; return the mean (wall, CPU) seconds of a step after the first two."""
     args = build_parser().parse_args(argv)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -251,4 +251,4 @@ def main(argv: list[str] | None = None) -> float:
 
 
 if __name__ == "__main__":
-    print(f"mean step time: {1e3 * main():.1f} ms")
+    report(main())

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from shared import Block, example_parser, fused_attention, run_steps
+from shared import Block, example_parser, fused_attention, report, run_steps
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -170,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> float:
-    """Train; return the mean wall time of a step after the first two (seconds)."""
+def main(argv: list[str] | None = None) -> tuple[float, float]:
+    """Train; return the mean (wall, CPU) seconds of a step after the first two."""
     args = build_parser().parse_args(argv)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -217,4 +217,4 @@ def main(argv: list[str] | None = None) -> float:
 
 
 if __name__ == "__main__":
-    print(f"mean step time: {1e3 * main():.1f} ms")
+    report(main())
