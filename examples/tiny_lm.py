@@ -65,7 +65,7 @@ def merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
 class ByteBPE:
     """Byte-level BPE in pure Python, the way a first implementation looks: merges applied one at a time."""
 
-    def __init__(self, docs: list[str], n_merges: int = 128, sample: int = 24):
+    def __init__(self, docs: list[str], n_merges: int = 192, sample: int = 24):
         seqs = [list(doc.encode()) for doc in docs[:sample]]
         self.ranks: dict[tuple[int, int], int] = {}
         for new_id in range(256, 256 + n_merges):
