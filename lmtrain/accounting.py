@@ -18,9 +18,18 @@ from typing import Any
 
 import torch
 
-from lmtrain.config import ModelConfig
+from lmtrain.config import ModelConfig, coerce
 from lmtrain.errors import UserError
-from lmtrain.model import PRESETS, Transformer, TransformerModelArgs, model_args_from_config
+from lmtrain.model import (
+    MLPS,
+    NORM_POSITIONS,
+    NORMS,
+    POSITIONS,
+    PRESETS,
+    Transformer,
+    TransformerModelArgs,
+    model_args_from_config,
+)
 
 # Components in display order; each parameter name belongs to exactly one.
 COMPONENTS = ("embedding", "positions", "attention", "feed_forward", "norms", "head")
@@ -133,14 +142,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-len", type=int, default=2048, help="sequence length T (default: 2048)")
     parser.add_argument("--list", action="store_true", help="list the presets and exit")
     for f in _OVERRIDES:
-        kind = {"multiple_of": int, "ffn_dim_multiplier": float, "norm_eps": float, "rope_theta": float}
+        kind = {
+            "multiple_of": int,
+            "ffn_dim_multiplier": float,
+            "norm_eps": float,
+            "rope_theta": float,
+            "dropout": float,
+            "parallel_block": lambda v: coerce(v, bool, "--parallel-block", "command line"),
+        }
         flag = "--" + f.name.replace("_", "-")
-        if f.name in ("norm", "mlp", "pos"):
-            choices = {
-                "norm": ("rmsnorm", "layernorm"),
-                "mlp": ("swiglu", "gelu"),
-                "pos": ("rope", "learned"),
-            }
+        if f.name in ("norm", "mlp", "pos", "norm_position"):
+            choices = {"norm": NORMS, "mlp": MLPS, "pos": POSITIONS, "norm_position": NORM_POSITIONS}
             parser.add_argument(flag, choices=choices[f.name], help="override the preset")
         else:
             parser.add_argument(flag, type=kind.get(f.name, int), help="override the preset")

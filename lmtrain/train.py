@@ -391,7 +391,8 @@ def _train(cfg: TrainConfig, env: DistEnv, device: torch.device, hooks: StepHook
             logger.info("checkpoint.resume=auto: no checkpoint in %s yet; starting from step 0", run_dir)
         else:
             path, state = found
-            if state["model_args"] != model_args:
+            # Through the dataclass: a checkpoint from before a switch existed holds its default.
+            if dataclasses.asdict(type(args)(**state["model_args"])) != model_args:
                 raise UserError(
                     f"{path} was written for model {state['model_args']}, but this run builds {model_args}; "
                     "resume with the run's own config.yaml (--config) or start a new output_dir"
