@@ -493,6 +493,8 @@ def coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
+        if any(typing.get_origin(a) is Literal and value in typing.get_args(a) for a in args):
+            return value  # a choice spelled `none` (model.norm=none) is that choice, not null
         if type(None) in args and (
             value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))
         ):

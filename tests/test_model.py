@@ -530,10 +530,13 @@ def test_params_command_takes_every_switch(capsys):
 
 
 def test_model_config_checks_the_new_fields():
-    from lmtrain.config import ConfigError, config_from_dict
+    from lmtrain.config import ConfigError, config_from_dict, parse_args
 
     cfg = config_from_dict({"model": {"parallel_block": "true", "dropout": "0.1", "d_ff": "96"}})
     assert (cfg.model.parallel_block, cfg.model.dropout, cfg.model.d_ff) == (True, 0.1, 96)
+    # `none` is a choice of norm and pos, not the null that means "from the preset"
+    cfg, _ = parse_args(["--model.norm=none", "--model.pos=none", "--model.mlp=null"])
+    assert (cfg.model.norm, cfg.model.pos, cfg.model.mlp) == ("none", "none", None)
     with pytest.raises(ConfigError, match="model.d_ff must be >= 1"):
         config_from_dict({"model": {"d_ff": 0}})
     with pytest.raises(ConfigError, match=r"model.dropout must be in \[0, 1\)"):
