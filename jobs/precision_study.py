@@ -379,24 +379,40 @@ def plot(results: list[ModeResult], path: Path) -> None:
 
     from lmtrain.atomic import atomic_savefig
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for r in results:
+    fig, grid = plt.subplots(2, 2, figsize=(13, 8))
+    loss_ax, diff_ax, scale_ax, underflow_ax = grid.flat
+    fp32 = next((r for r in results if r.mode.name == "fp32"), None)
+    for i, r in enumerate(results):
         steps = range(1, len(r.losses) + 1)
-        axes[0].plot(steps, r.losses, label=r.mode.name, linewidth=1.2)
+        loss_ax.plot(steps, r.losses, label=r.mode.name, linewidth=1.2)
+        if fp32 is not None and r is not fp32:
+            diff_ax.plot(
+                steps, [a - b for a, b in zip(r.losses, fp32.losses)], label=r.mode.name, linewidth=1
+            )
         if r.mode.scaler != "none":
-            axes[1].plot(steps, r.scales, label=r.mode.name, drawstyle="steps-post")
+            # Dashed over solid: the two dynamic scalers follow one policy and would hide each other.
+            line = scale_ax.plot(
+                steps, r.scales, label=r.mode.name, drawstyle="steps-post", linestyle="-" if i % 2 else "--"
+            )
+            skipped = [s for s, skip in zip(steps, r.skipped) if skip]
+            scale_ax.plot(
+                skipped, [r.scales[s - 1] for s in skipped], "x", color=line[0].get_color(), markersize=9
+            )
         if r.underflow:
             probes = [p["step"] for p in r.underflow]
-            axes[2].plot(probes, [100 * p["underflow"] for p in r.underflow], "o-", label="fp16 backward")
-            axes[2].plot(
+            underflow_ax.plot(
+                probes, [100 * p["underflow"] for p in r.underflow], "o-", label="fp16 backward"
+            )
+            underflow_ax.plot(
                 probes, [100 * p["cast_underflow"] for p in r.underflow], "s--", label="fp32 grad cast"
             )
-    axes[0].set(title="training loss", xlabel="step", ylabel="loss (nats/token)")
-    axes[1].set(title="loss scale", xlabel="step", yscale="log")
-    axes[2].set(
+    loss_ax.set(title="training loss", xlabel="step", ylabel="loss (nats/token)")
+    diff_ax.set(title="loss minus fp32's loss", xlabel="step")
+    scale_ax.set(title="loss scale (x: step skipped)", xlabel="step", yscale="log")
+    underflow_ax.set(
         title="fp16 without scaling: gradients lost to underflow", xlabel="step", ylabel="% of non-zero"
     )
-    for ax in axes:
+    for ax in grid.flat:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
