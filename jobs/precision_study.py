@@ -2,7 +2,7 @@
 """The mixed-precision study: one model, the same batches and steps in seven precision modes, one report.
 
     python -m jobs.precision_study                  # CPU-sized, here (also: make sweep SWEEP=precision)
-    python -m jobs.precision_study --size full      # GPU-sized, inside a GPU allocation on clariden
+    python -m jobs.precision_study --cluster clariden --wait   # GPU-sized, one launcher job on clariden
 
 Modes: fp32; bf16 autocast (fp32 master weights); pure bf16 (weights, gradients and AdamW states in
 bf16, the course's mode); fp16 autocast without loss scaling; fp16 with lmtrain's static loss scaler,
@@ -16,6 +16,10 @@ scaling, at `--probe-every` steps: the fraction of the gradient values that unde
 are non-zero in an fp32 backward of the same weights and batch but zero in the fp16 autocast backward
 (and, for comparison, the fraction that casting the fp32 gradient to fp16 zeroes, with and without
 the static scale). Written to `<out>/report.md` with `precision.png` and every step in `results.json`.
+
+With `--cluster` the study is one job of the jobs launcher (jobs/experiments/precision/experiment.yaml:
+one task, one GPU) that runs this module with the same arguments; `--size full` is then the default
+except on `--cluster local`. Inside an allocation, `--size full` runs it directly.
 
 On a CPU the fp16 (and, without avx512_bf16/amx_bf16, the bf16) rows are emulated: every op rounds
 its output to the low-precision dtype, so underflow, overflow and rounding are those of the dtype,
@@ -42,6 +46,9 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 import torch
 
 from lmtrain.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT = REPO / "jobs" / "experiments" / "precision" / "experiment.yaml"
 
 # fp16's smallest positive subnormal (2^-24) and smallest normal (2^-14) value.
 FP16_TINY = 2.0**-24
@@ -552,23 +559,59 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--probe-every", type=int, default=10, help="fp16-unscaled: probe underflow every N steps")
     p.add_argument("--out", help="report directory (default: runs/precision/<size>)")
-    p.add_argument("--cluster", help=argparse.SUPPRESS)  # refused with the way to run it there
+    p.add_argument("--cluster", help="submit as one launcher job to this cluster (local, clariden)")
+    p.add_argument("--account", help="with --cluster: Slurm account (else the cluster profile's)")
+    p.add_argument("--wait", action="store_true", help="with --cluster: wait for the job and its report")
     return p
+
+
+def job_arguments(args: argparse.Namespace, size_name: str, out_dir: Path) -> list[str]:
+    """The arguments of the study inside the launcher's job: this command's, without the cluster's."""
+    dataset = Path(args.dataset)
+    out = ["--size", size_name, "--device", args.device, "--out", str(out_dir.resolve())]
+    out += ["--dataset", str(dataset.resolve()) if dataset.exists() else args.dataset]
+    out += ["--tokenizer", args.tokenizer] if args.tokenizer else []
+    out += ["--modes", args.modes] if args.modes else []
+    for f in dataclasses.fields(StudySize):
+        if getattr(args, f.name) is not None:
+            out += [f"--{f.name.replace('_', '-')}", str(getattr(args, f.name))]
+    out += ["--seed", str(args.seed), "--init-scale", repr(args.init_scale)]
+    out += ["--growth-interval", str(args.growth_interval), "--probe-every", str(args.probe_every)]
+    return out
+
+
+def submit(args: argparse.Namespace, size_name: str, out_dir: Path, log=print):
+    """Submit the study as one job of the jobs launcher; returns the submitit job."""
+    from jobs import submit as launcher
+    from jobs.sbatch import render_sbatch
+
+    prepared = launcher.prepare(
+        str(EXPERIMENT),
+        args.cluster,
+        [f"data.dataset={args.dataset}"],
+        args.account,
+        run_dir=str(out_dir.resolve()),
+    )
+    for warning in prepared.warnings:
+        log(f"warning: {warning}")
+    command = list(prepared.plan.command)  # [nsys ...] [numactl ...] PYTHON -m lmtrain.train --config X
+    at = command.index("lmtrain.train")
+    command[at:] = ["jobs.precision_study", *job_arguments(args, size_name, out_dir)]
+    plan = dataclasses.replace(prepared.plan, command=tuple(command))
+    job = launcher.submit(dataclasses.replace(prepared, plan=plan, sbatch=render_sbatch(plan)))
+    log(f"submitted the precision study as job {job.job_id} on {args.cluster}; report: {out_dir}/report.md")
+    return job
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.cluster:
-        raise UserError(
-            f"--cluster {args.cluster}: the precision study runs in one process on the device it starts on "
-            "and is not submitted by the launcher; on clariden run it inside a one-GPU allocation, e.g. "
-            "`srun -A ACCOUNT --gpus=1 --time=01:00:00 --environment=ENV.toml python -m jobs.precision_study "
-            "--size full --dataset DATA`"
-        )
     from lmtrain.distributed import DistEnv, resolve_device
 
-    device = resolve_device(args.device, DistEnv())
-    size_name = args.size or ("full" if device.type == "cuda" else "cpu")
+    if args.cluster:
+        size_name = args.size or ("cpu" if args.cluster == "local" else "full")
+    else:
+        device = resolve_device(args.device, DistEnv())
+        size_name = args.size or ("full" if device.type == "cuda" else "cpu")
     size = dataclasses.replace(
         SIZES[size_name],
         **{
@@ -591,11 +634,17 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise UserError(f"--modes: unknown {unknown}; valid: {', '.join(MODE_NAMES)}")
         modes = [m for m in MODES if m.name in chosen]
+    out_dir = Path(args.out) if args.out else Path("runs") / "precision" / size_name
+    if args.cluster:
+        job = submit(args, size_name, out_dir)
+        if args.wait:
+            job.result()
+            print(f"report: {out_dir / 'report.md'}")
+        return 0
     if device.type == "cpu" and size_name == "full":
         print(
             "warning: --size full on a CPU: expect hours; --size cpu is the CPU-sized study", file=sys.stderr
         )
-    out_dir = Path(args.out) if args.out else Path("runs") / "precision" / size_name
 
     batches, vocab_size = draw_batches(args.dataset, args.tokenizer, size, args.seed)
     if len(batches) < size.steps:

@@ -83,7 +83,6 @@ def test_scale_history_lists_the_changes():
         (["--steps", "1"], "--steps must be >= 2"),
         (["--dim", "0"], "--dim must be > 0"),
         (["--probe-every", "0"], "--probe-every and --growth-interval must be >= 1"),
-        (["--cluster", "clariden"], "runs in one process .*srun"),
     ],
 )
 def test_bad_command_line(tmp_path, jsonl, argv, message):
@@ -132,3 +131,28 @@ def test_make_sweep_precision_runs_the_seven_modes_and_reports(tmp_path, jsonl):
         assert "**Emulated rows: fp16-unscaled, fp16-static, fp16-dynamic, fp16-gradscaler.**" in report
     assert (out / "precision.png").stat().st_size > 10_000
     assert not list(out.glob("*.tmp"))
+
+
+def test_the_launcher_job_runs_the_same_study(tmp_path, jsonl):
+    """--cluster hands the job this command's study arguments (absolute paths), without its own."""
+    argv = ["--dataset", str(jsonl), "--tokenizer", "byte", "--modes", "fp32,fp16-dynamic", *TINY]
+    argv += ["--steps", "3", "--growth-interval", "5", "--cluster", "local", "--account", "x", "--wait"]
+    args = study.build_parser().parse_args(argv)
+    job_argv = study.job_arguments(args, "cpu", tmp_path / "out")
+    again = vars(study.build_parser().parse_args(job_argv))
+    expected = {**vars(args), "cluster": None, "account": None, "wait": False, "size": "cpu"}
+    assert again == {**expected, "out": str(tmp_path / "out")}
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_study_as_a_launcher_job_on_local_slurm(tmp_path, jsonl):
+    out = tmp_path / "precision"
+    argv = ["--cluster", "local", "--wait", "--dataset", str(jsonl), "--tokenizer", "byte", "--out", str(out)]
+    assert study.main([*argv, *TINY, "--steps", "3", "--modes", "fp32,fp16-unscaled"]) == 0
+    task = json.loads((out / "task.json").read_text())
+    assert task["command"][task["command"].index("-m") + 1] == "jobs.precision_study"
+    assert "jobs.precision_study" in (out / "job.sbatch").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert [m["mode"]["name"] for m in results["modes"]] == ["fp32", "fp16-unscaled"]
+    assert (out / "report.md").is_file() and (out / "precision.png").is_file()
