@@ -308,6 +308,7 @@ def run_mode(
 ) -> ModeResult:
     from lmtrain.config import OptimizerConfig
     from lmtrain.hooks import StepHooks
+    from lmtrain.losses import IGNORE_INDEX
     from lmtrain.model import Transformer
     from lmtrain.optim import build_optimizer
     from lmtrain.precision import torch_dtype
@@ -346,7 +347,9 @@ def run_mode(
         result.losses.append(loss)
         result.skipped.append(skipped)
         result.scales.append(float(scale))
-        result.tokens.append(int((batch["labels"] != -100).sum()))
+        result.tokens.append(int((batch["labels"] != IGNORE_INDEX).sum()))
+        if step % max(1, len(batches) // 10) == 0 and step < len(batches):  # progress on long runs
+            log(f"  {mode.name} step {step}/{len(batches)}: loss {loss:.4f}, scale {scale:g}")
     rate = result.tokens_per_s
     log(
         f"{mode.name:16s} final loss {result.final_loss() or float('nan'):.4f}  skipped {sum(result.skipped)}"
