@@ -539,28 +539,41 @@ def write_report(results: list[ModeResult], out_dir: Path, setup: dict) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jobs.precision_study",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--size", choices=list(SIZES), help="cpu or full (default: full on CUDA, else cpu)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    p.add_argument("--dataset", default="data/stdlib-bytes", help="training data (as data.dataset)")
-    p.add_argument("--tokenizer", default="", help="tokenizer (as data.tokenizer; empty: the dataset's)")
+    p.add_argument(
+        "--dataset", default="data/stdlib-bytes", help="training data, as data.dataset (default: %(default)s)"
+    )
+    p.add_argument("--tokenizer", default="", help="tokenizer, as data.tokenizer (default: the dataset's)")
     p.add_argument("--modes", help=f"comma-separated subset of {', '.join(MODE_NAMES)} (default: all)")
     for f in dataclasses.fields(StudySize):
         p.add_argument(
             f"--{f.name.replace('_', '-')}",
             type=type(getattr(SIZES["cpu"], f.name)),
-            help=f"override the size's {f.name}",
+            help=f"cpu size: {getattr(SIZES['cpu'], f.name):g}, full: {getattr(SIZES['full'], f.name):g}",
         )
-    p.add_argument("--seed", type=int, default=0, help="initial weights and data order")
+    p.add_argument("--seed", type=int, default=0, help="initial weights and data order (default: 0)")
     p.add_argument(
-        "--init-scale", type=float, default=2.0**16, help="initial (dynamic) or fixed (static) loss scale"
+        "--init-scale",
+        type=float,
+        default=2.0**16,
+        help="initial (dynamic) or fixed (static) loss scale (default: %(default)g)",
     )
     p.add_argument(
-        "--growth-interval", type=int, default=10, help="dynamic scalers: clean steps before the scale grows"
+        "--growth-interval",
+        type=int,
+        default=10,
+        help="dynamic scalers: clean steps before the scale doubles (default: %(default)s)",
     )
-    p.add_argument("--probe-every", type=int, default=10, help="fp16-unscaled: probe underflow every N steps")
+    p.add_argument(
+        "--probe-every",
+        type=int,
+        default=10,
+        help="fp16-unscaled: probe underflow every N steps (default: 10)",
+    )
     p.add_argument("--out", help="report directory (default: runs/precision/<size>)")
     p.add_argument("--cluster", help="submit as one launcher job to this cluster (local, clariden)")
     p.add_argument("--account", help="with --cluster: Slurm account (else the cluster profile's)")
