@@ -388,9 +388,12 @@ class TwoLayerFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         with _range("FeedForward/w1"):
-            h = self.act(self.w1(x))  # (B, T, 4C)
+            h = self.act(self.w1(x))  # (B, T, hidden)
         with _range("FeedForward/w2"):
             return self.w2(h)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}"  # print(model) names the ablation
 
 
 # --------------------------------------------------------------------------------------------------
