@@ -80,7 +80,7 @@ report: setup  ## nsys export + GEMM report of the newest profiled run: make rep
 ablation: setup  ## the 7-run ablation study: make ablation [STEPS=300] [CLUSTER=local|clariden]
 	$(PY) -m jobs.ablation $(if $(filter command line,$(origin CLUSTER)),--cluster $(CLUSTER)) $(if $(STEPS),--steps $(STEPS)) $(ARGS)
 
-sweep: setup  ## the course's throughput sweep: make sweep SWEEP=throughput [CLUSTER=...]
+sweep: setup  ## a sweep: make sweep SWEEP=throughput [CLUSTER=...]; SWEEP=precision: the precision study
 	$(PY) -m jobs.sweep --sweep $(or $(SWEEP),throughput) $(if $(filter command line,$(origin CLUSTER)),--cluster $(CLUSTER)) $(ARGS)
 
 clean:  ## remove caches (keeps .venv, data/ and runs/)

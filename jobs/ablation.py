@@ -2,9 +2,15 @@
 """The ablation study: a minGPT-style baseline and one modern change at a time, then a report.
 
     python -m jobs.ablation --steps 300 --seeds 2
+    python -m jobs.ablation --study architecture --dataset my.jsonl --tokenizer gpt2 \
+        --variants baseline,nope,post_norm --variant wide:model.d_ff=512
 
-The study file (`jobs/experiments/ablation/study.yaml`) names a training config and the variants,
-each a set of dotted command-line overrides of that config. Every run is one `lmtrain train`
+The study file (`jobs/experiments/ablation/study.yaml`, or another named by `--study`, such as
+`architecture`: a Llama baseline and one switch of lmtrain.model each) names a training config and
+the variants, each a set of dotted command-line overrides of that config. `--dataset` and
+`--tokenizer` train every run on your own data instead of the study's corpus, and `--variant` adds a
+variant from the command line (then the study's baseline and these variants run, unless
+`--variants` picks others), so a study on your data needs no YAML. Every run is one `lmtrain train`
 command, so it is reproducible from the command printed by `--dry-run` and from the config.yaml the
 trainer saves beside its results. Runs land in `<out>/<variant>-seed<S>/`; a run whose
 summary.json exists is finished and is not redone, an interrupted one resumes from its checkpoint.
@@ -37,7 +43,10 @@ from lmtrain.config import ConfigError, config_from_dict, config_to_dict, flatte
 from lmtrain.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_STUDY = REPO / "jobs" / "experiments" / "ablation" / "study.yaml"
+STUDY_DIR = REPO / "jobs" / "experiments" / "ablation"
+DEFAULT_STUDY = STUDY_DIR / "study.yaml"
+# Study files under STUDY_DIR that `--study NAME` finds (the others there are training configs).
+STUDY_NAMES = ("study", "architecture")
 
 # Keys that legitimately differ between a run's saved config and its plan (paths, resumption, display).
 _IGNORED_KEYS = {"training.output_dir", "training.run_dir", "checkpoint.resume", "logging.progress"}
@@ -100,11 +109,22 @@ def run_finished(run_dir: Path) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
+def study_path(name_or_path: str | os.PathLike) -> Path:
+    """A study file's path from `--study`: a path, or the name of one of STUDY_DIR's studies."""
+    path = Path(name_or_path)
+    if not path.is_file() and str(name_or_path) in STUDY_NAMES:
+        return STUDY_DIR / f"{name_or_path}.yaml"
+    return path
+
+
 def load_study(path: str | os.PathLike) -> Study:
     """Read and check a study file; every mistake is a UserError naming the file and the key."""
-    path = Path(path)
+    path = study_path(path)
     if not path.is_file():
-        raise UserError(f"--study: study file not found: {path} (the default is {DEFAULT_STUDY})")
+        raise UserError(
+            f"--study: study file not found: {path} (give a path or one of the studies "
+            f"{', '.join(STUDY_NAMES)}; the default is {DEFAULT_STUDY})"
+        )
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -208,6 +228,43 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     if data.get(section) is None:
         data[section] = {}
     data[section][name] = value
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """`--variant [NAME:]section.field=value[,section.field=value...]` -> (name, overrides). Without a
+    NAME the variant is named after its switches: `model.pos=none` -> `pos_none`."""
+    name, body = spec.split(":", 1) if ":" in spec.split("=", 1)[0] else ("", spec)
+    overrides: dict[str, str] = {}
+    for part in body.split(","):
+        match = re.fullmatch(r"([A-Za-z_]+\.[A-Za-z_]+)=(.+)", part.strip())
+        if not match:
+            raise UserError(
+                f"--variant {spec!r}: {part!r} is not section.field=value; write e.g. "
+                "--variant nope:model.pos=none or --variant model.norm_position=post,model.dropout=0.1"
+            )
+        overrides[match.group(1)] = match.group(2)
+    if not name:
+        name = "_".join(f"{k.split('.', 1)[1]}_{v}" for k, v in overrides.items())
+        name = re.sub(r"[^A-Za-z0-9_]", "_", name)
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+        raise UserError(f"--variant {spec!r}: the name {name!r} must be letters, digits and '_'")
+    return name, overrides
+
+
+def add_variants(study: Study, specs: list[str]) -> tuple[Study, list[str]]:
+    """The study with the command line's `--variant`s added, and their names in order."""
+    variants = dict(study.variants)
+    names = []
+    for spec in specs:
+        name, overrides = parse_variant(spec)
+        if name in variants and variants[name] != overrides:
+            raise UserError(
+                f"--variant {spec!r}: the study already defines a variant '{name}' ({variants[name]}); "
+                "give this one another name (NAME:section.field=value)"
+            )
+        variants[name] = overrides
+        names.append(name)
+    return dataclasses.replace(study, variants=variants), names
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, str]:
@@ -517,10 +574,31 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         epilog="Extra --section.field=value arguments override the training config of every run.",
     )
-    p.add_argument("--study", default=str(DEFAULT_STUDY), help="study file (default: %(default)s)")
+    p.add_argument(
+        "--study",
+        default=str(DEFAULT_STUDY),
+        help=f"study file, or one of {', '.join(STUDY_NAMES)} (default: %(default)s)",
+    )
     p.add_argument("--steps", type=int, help="training steps of every run (default: the config's)")
     p.add_argument("--seeds", type=int, default=1, help="repeat the study with this many seeds")
     p.add_argument("--variants", help="comma-separated subset of the variants (default: all)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="[NAME:]KEY=VALUE[,KEY=VALUE]",
+        help="add a variant, e.g. nope:model.pos=none (repeatable); then the study's baseline and these "
+        "variants run unless --variants names others",
+    )
+    p.add_argument(
+        "--dataset",
+        help="train every run on this data (prepared directory, .parquet, .jsonl or token file) instead "
+        "of the study's corpus",
+    )
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer of every run: byte, a Hugging Face hub name, a directory or tokenizer.json",
+    )
     p.add_argument("--out", help="study directory (default: runs/ablation/<study name>-<steps>steps)")
     p.add_argument("--parallel", type=int, default=1, help="local runs trained at the same time")
     p.add_argument("--cluster", help="submit as one Slurm job array on this cluster (local, clariden)")
@@ -538,8 +616,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.parallel < 1:
         raise UserError(f"--parallel must be >= 1, got {args.parallel}")
     study = load_study(args.study)
+    study, added = add_variants(study, args.variant)
     overrides = parse_overrides(extra)
+    if args.dataset is not None:
+        if not Path(args.dataset).exists():
+            raise UserError(f"--dataset {args.dataset}: no such file or directory")
+        overrides["data.dataset"] = args.dataset
+        study = dataclasses.replace(study, prepare=[])  # the study's corpus is not needed
+    if args.tokenizer is not None:
+        overrides["data.tokenizer"] = args.tokenizer
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    if added and variants is None:
+        variants = [next(iter(study.variants)), *added]  # the baseline, then the new variants
     probe = plan(study, Path("."), args.steps, 1, variants[:1] if variants else None, overrides)
     steps = probe[0].config["training"]["steps"]
     out_dir = Path(args.out) if args.out else Path("runs") / "ablation" / f"{study.name}-{steps}steps"

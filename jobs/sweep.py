@@ -5,6 +5,8 @@
 
 `throughput` is baseline, fused, compile, seq4096 and fused-compile-seq4096 (jobs/experiments/*.yaml):
 the same training job with fused AdamW, torch.compile, sequence length 4096, and all three.
+`precision` is the mixed-precision study, one process over seven precision modes: every argument
+after `--sweep precision` goes to `python -m jobs.precision_study` (see its --help).
 
 Sizes. `--size full` runs the experiments as written (Llama-3 8B on a GH200 node); that is the
 default with `--cluster clariden`. `--size cpu` (the default without `--cluster` and with
@@ -347,8 +349,16 @@ def write_report(runs: list[SweepRun], out_dir: Path, size: str, log=print) -> P
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--sweep")
+    chosen, rest = first.parse_known_args(argv)
+    if chosen.sweep == "precision":
+        from jobs import precision_study
+
+        return precision_study.main(rest)
     p = argparse.ArgumentParser(prog="python -m jobs.sweep", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sweep", required=True, help=f"sweep name: {', '.join(SWEEPS)}")
+    p.add_argument("--sweep", required=True, help=f"sweep name: {', '.join(SWEEPS)}, precision")
     p.add_argument("--cluster", help="submit through the jobs launcher to this cluster (local, clariden)")
     p.add_argument(
         "--size", choices=["cpu", "full"], help="cpu: CPU-sized runs; full: as written (see --help)"

@@ -116,19 +116,41 @@ class ModelConfig:
     seq_len: Optional[int] = None
     """Longest context the model supports (None: data.sequence_length)."""
 
-    norm: Optional[Literal["rmsnorm", "layernorm"]] = None
-    """Ablation switch: normalisation layer (None: from the preset)."""
+    norm: Optional[Literal["rmsnorm", "layernorm", "none"]] = None
+    """Ablation switch: normalisation layer; `none`: no normalisation at all (None: from the preset)."""
 
-    mlp: Optional[Literal["swiglu", "gelu"]] = None
-    """Ablation switch: feed-forward type (None: from the preset)."""
+    mlp: Optional[Literal["swiglu", "gelu", "gelu_exact", "silu"]] = None
+    """Ablation switch: feed-forward type: gated SwiGLU, or a two-matrix MLP (hidden 4 * dim) with
+    GPT-2's tanh GELU, the exact erf GELU, or SiLU (None: from the preset)."""
 
-    pos: Optional[Literal["rope", "learned"]] = None
-    """Ablation switch: rotary or learned absolute position embeddings (None: from the preset)."""
+    pos: Optional[Literal["rope", "learned", "none"]] = None
+    """Ablation switch: rotary, learned absolute, or no position information (NoPE: only the causal
+    mask tells positions apart) (None: from the preset)."""
+
+    norm_position: Optional[Literal["pre", "post"]] = None
+    """Ablation switch: `pre`: x + f(norm(x)) (Llama, GPT-2); `post`: norm(x + f(x)) (the original
+    Transformer) (None: pre)."""
+
+    parallel_block: Optional[bool] = None
+    """Ablation switch: attention and feed-forward both read the block's input and their outputs are
+    added together, x + attn(norm(x)) + ffn(norm(x)) (GPT-J, PaLM) (None: false, sequential)."""
+
+    dropout: Optional[float] = None
+    """Ablation switch: dropout probability on the attention weights and on the output of every
+    attention and feed-forward branch, in training only (None: 0, off and deterministic)."""
+
+    d_ff: Optional[int] = None
+    """Feed-forward hidden size, overriding the rule (4 * dim, or Llama's 8/3 * dim rounded up to
+    multiple_of for SwiGLU) (None: the rule)."""
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "seq_len"):
             if getattr(self, name) is not None:
                 _check_min(self, name, 1)
+        if self.d_ff is not None:
+            _check_min(self, "d_ff", 1)
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -480,6 +502,8 @@ def coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
+        if any(typing.get_origin(a) is Literal and value in typing.get_args(a) for a in args):
+            return value  # a choice spelled `none` (model.norm=none) is that choice, not null
         if type(None) in args and (
             value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))
         ):

@@ -4,8 +4,8 @@ lmtrain export-hf --run runs/tiny-cpu --out exports/tiny-cpu-hf
 
 The result (config.json, model.safetensors, tokenizer files) loads with
 `transformers.LlamaForCausalLM.from_pretrained(DIR)` and gives the same logits as the lmtrain model.
-Only the Llama architecture exports (rmsnorm, swiglu, rope); the GPT-2-style ablation switches have no
-LlamaForCausalLM equivalent.
+Only the Llama architecture exports (rmsnorm, swiglu, rope, pre-norm sequential blocks); the other
+ablation switches have no LlamaForCausalLM equivalent and are refused with the switch named.
 
 The one non-trivial step is RoPE. Meta rotates interleaved channel pairs (0,1), (2,3), ... of each
 head; Hugging Face rotates (j, j + head_dim/2) ("rotate_half"). Attention scores only see q.k, so
@@ -29,13 +29,28 @@ from lmtrain.model import Transformer, TransformerModelArgs, clean_state_dict_ke
 
 
 def check_exportable(args: TransformerModelArgs) -> None:
-    for switch, llama in (("norm", "rmsnorm"), ("mlp", "swiglu"), ("pos", "rope")):
+    """A UserError for every switch LlamaForCausalLM cannot represent. An explicit d_ff is its
+    intermediate_size; dropout acts in training only, so the exported model computes the same logits."""
+    llama_switches = (
+        ("norm", "rmsnorm"),
+        ("mlp", "swiglu"),
+        ("pos", "rope"),
+        ("norm_position", "pre"),
+        ("parallel_block", False),
+    )
+    for switch, llama in llama_switches:
         value = getattr(args, switch)
         if value != llama:
             raise UserError(
-                f"model.{switch}={value} cannot be exported as LlamaForCausalLM, which only has "
-                f"{switch}={llama}; only runs with the Llama architecture (rmsnorm, swiglu, rope) export"
+                f"model.{switch}={_as_flag(value)} cannot be exported as LlamaForCausalLM, which only "
+                f"has {switch}={_as_flag(llama)}; only runs with the Llama architecture (rmsnorm, swiglu, "
+                "rope, pre-norm sequential blocks) export"
             )
+
+
+def _as_flag(value) -> str:
+    """A switch value as the command line writes it (`true`, not `True`)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def interleaved_to_half_split(weight: torch.Tensor, n_heads: int) -> torch.Tensor:

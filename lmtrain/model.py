@@ -1,4 +1,4 @@
-"""A Llama-3 decoder-only transformer, laid out like Meta's reference, with three ablation switches.
+"""A Llama-3 decoder-only transformer, laid out like Meta's reference, with ablation switches.
 
     from lmtrain.model import Transformer, model_args_from_config
     model = Transformer(model_args_from_config(cfg.model, vocab_size=tok_vocab, seq_len=4096))
@@ -10,11 +10,17 @@ key/value cache), the two feed-forward types, the block, the model. State-dict k
 checkpoints (`tok_embeddings`, `layers.N.attention.wq`, ..., `norm`, `output`), so the weights map
 one-to-one onto Meta's layout and, after a RoPE permutation, onto Hugging Face's (`lmtrain.export_hf`).
 
-Ablation switches, each changing exactly one thing:
-  norm: "rmsnorm" (Llama) | "layernorm" (GPT-2; weight and bias)
-  mlp:  "swiglu"  (Llama; w1, w2, w3) | "gelu" (GPT-2; w1, w2 with hidden = 4 * dim)
-  pos:  "rope"    (Llama; no parameters) | "learned" (GPT-2; `pos_embeddings`, seq_len x dim)
-Linear layers never have biases, in either setting, so that a switch isolates its own effect.
+Ablation switches, each changing exactly one thing (the first value is Llama's):
+  norm:           "rmsnorm" | "layernorm" (GPT-2; weight and bias) | "none" (identity, no parameters)
+  norm_position:  "pre" (x + f(norm(x))) | "post" (norm(x + f(x)), the original Transformer's)
+  mlp:            "swiglu" (w1, w2, w3) | "gelu" (GPT-2's tanh approximation; w1, w2, hidden 4 * dim)
+                  | "gelu_exact" (erf GELU) | "silu" (non-gated: w2(silu(w1 x)), hidden 4 * dim)
+  pos:            "rope" (no parameters) | "learned" (GPT-2; `pos_embeddings`) | "none" (NoPE)
+  parallel_block: False | True (x + attn(norm(x)) + ffn(norm'(x)), GPT-J/PaLM; both norms kept)
+  dropout:        0.0 | p (on the attention weights and on both residual branches, training only)
+  d_ff:           None (the feed-forward type's rule) | an explicit hidden size
+Linear layers never have biases, in either setting, so that a switch isolates its own effect. The
+two-matrix MLPs at 4 * dim hold as many parameters as SwiGLU at int(8 * dim / 3) with multiple_of=1.
 """
 
 from __future__ import annotations
@@ -66,9 +72,14 @@ class TransformerModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
     seq_len: int = 2048  # longest sequence: size of the RoPE tables / learned position table
-    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
-    mlp: Literal["swiglu", "gelu"] = "swiglu"
-    pos: Literal["rope", "learned"] = "rope"
+    norm: Literal["rmsnorm", "layernorm", "none"] = "rmsnorm"
+    mlp: Literal["swiglu", "gelu", "gelu_exact", "silu"] = "swiglu"
+    pos: Literal["rope", "learned", "none"] = "rope"
+    # The fields below postdate the first checkpoints; their defaults are the architecture those hold.
+    norm_position: Literal["pre", "post"] = "pre"
+    parallel_block: bool = False  # attention and feed-forward both read the block's input
+    dropout: float = 0.0  # attention weights and residual branches, in training mode only
+    d_ff: Optional[int] = None  # feed-forward hidden size; None: 4 * dim, or Llama's rule for SwiGLU
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -77,7 +88,12 @@ class TransformerModelArgs:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise UserError(f"model.{name} must be a positive integer, got {value!r}")
-        for name, valid in (("norm", NORMS), ("mlp", MLPS), ("pos", POSITIONS)):
+        for name, valid in (
+            ("norm", NORMS),
+            ("mlp", MLPS),
+            ("pos", POSITIONS),
+            ("norm_position", NORM_POSITIONS),
+        ):
             if getattr(self, name) not in valid:
                 raise UserError(
                     f"model.{name} must be one of {', '.join(valid)}, got {getattr(self, name)!r}"
@@ -102,6 +118,16 @@ class TransformerModelArgs:
             raise UserError(f"model.ffn_dim_multiplier must be > 0, got {self.ffn_dim_multiplier}")
         if not self.norm_eps > 0 or not self.rope_theta > 0:
             raise UserError("model.norm_eps and model.rope_theta must be > 0")
+        if self.d_ff is not None and (not isinstance(self.d_ff, int) or self.d_ff < 1):
+            raise UserError(f"model.d_ff must be a positive integer or null, got {self.d_ff!r}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.parallel_block and self.norm_position == "post":
+            raise UserError(
+                "model.parallel_block=true with model.norm_position=post: a parallel block adds both "
+                "branches to its input, and there is no single post-norm of one branch; use "
+                "norm_position=pre with parallel blocks"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -109,7 +135,9 @@ class TransformerModelArgs:
 
     @property
     def ffn_hidden_dim(self) -> int:
-        if self.mlp == "gelu":
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.mlp != "swiglu":
             return 4 * self.dim  # GPT-2
         # Meta's rule: 2/3 of 4*dim keeps SwiGLU's three matrices at the cost of a 4*dim two-matrix MLP,
         # then the multiplier, then round up so the matmuls tile well.
@@ -122,16 +150,17 @@ class TransformerModelArgs:
         return dataclasses.asdict(self)
 
 
-NORMS = ("rmsnorm", "layernorm")
-MLPS = ("swiglu", "gelu")
-POSITIONS = ("rope", "learned")
+NORMS = ("rmsnorm", "layernorm", "none")
+MLPS = ("swiglu", "gelu", "gelu_exact", "silu")
+POSITIONS = ("rope", "learned", "none")
+NORM_POSITIONS = ("pre", "post")
 
 # GPT-2's block, shared by its sizes.
 _GPT2_BLOCK = dict(multiple_of=256, ffn_dim_multiplier=None, norm_eps=1e-5, rope_theta=10000.0, norm="layernorm",
                    mlp="gelu", pos="learned")  # fmt: skip
 
-# Every preset names every architecture field except vocab_size and seq_len, which come from the
-# tokenizer and the data (or from explicit overrides).
+# Every preset names every architecture field up to `pos` except vocab_size and seq_len, which come
+# from the tokenizer and the data (or from explicit overrides); the later switches keep their defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     # Meta Llama-3 8B: 8.03B parameters with a 128K vocabulary.
     "llama3-8b": dict(
@@ -205,6 +234,8 @@ class RMSNorm(nn.Module):
 def build_norm(args: TransformerModelArgs) -> nn.Module:
     if args.norm == "rmsnorm":
         return RMSNorm(args.dim, eps=args.norm_eps)
+    if args.norm == "none":
+        return nn.Identity()  # the "no normalisation" ablation: nothing to learn, nothing to rescale
     return nn.LayerNorm(args.dim, eps=args.norm_eps)  # weight and bias, as GPT-2
 
 
@@ -277,7 +308,8 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Grouped-query causal self-attention; rotary embeddings on q and k when pos == "rope"."""
+    """Grouped-query causal self-attention; rotary embeddings on q and k when pos == "rope"; dropout on
+    the attention weights in training mode when args.dropout > 0."""
 
     def __init__(self, args: TransformerModelArgs):
         super().__init__()
@@ -285,6 +317,7 @@ class Attention(nn.Module):
         self.n_kv_heads = args.n_kv_heads
         self.head_dim = args.head_dim
         self.use_rope = args.pos == "rope"
+        self.dropout = args.dropout
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
@@ -314,7 +347,12 @@ class Attention(nn.Module):
         rep = self.n_heads // self.n_kv_heads
         with _range("Attention/sdpa", q, keys=k):
             out = F.scaled_dot_product_attention(
-                q, repeat_kv(k, rep), repeat_kv(v, rep), attn_mask=mask, is_causal=mask is None and T > 1
+                q,
+                repeat_kv(k, rep),
+                repeat_kv(v, rep),
+                attn_mask=mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=mask is None and T > 1,
             )  # (B, H, T, hd)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)
         with _range("Attention/wo", out, self.wo):
@@ -344,19 +382,32 @@ class FeedForward(nn.Module):
             return self.w2(gate * up)
 
 
-class GeluFeedForward(nn.Module):
-    """GPT-2's MLP: w2(gelu(w1 x)) with hidden = 4 * dim (tanh approximation, as GPT-2)."""
+# The activations of the two-matrix MLP, by `mlp` switch value.
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's (and BERT's original code's) approximation
+    "gelu_exact": lambda x: F.gelu(x, approximate="none"),  # x * Phi(x), Phi the normal CDF (erf)
+    "silu": F.silu,  # x * sigmoid(x): SwiGLU's activation without its gate
+}
 
-    def __init__(self, dim: int, hidden_dim: int):
+
+class TwoLayerFeedForward(nn.Module):
+    """GPT-2's MLP: w2(act(w1 x)) with hidden = 4 * dim; act is GELU (tanh or exact) or SiLU."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu"):
         super().__init__()
+        self.activation = activation
+        self.act = ACTIVATIONS[activation]
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         with _range("FeedForward/w1", x, self.w1):
-            h = F.gelu(self.w1(x), approximate="tanh")  # (B, T, 4C)
+            h = self.act(self.w1(x))  # (B, T, hidden)
         with _range("FeedForward/w2", h, self.w2):
             return self.w2(h)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}"  # print(model) names the ablation
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,20 +416,39 @@ class GeluFeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm residual block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+    """Pre-norm residual block: h = x + attn(norm(x)); out = h + ffn(norm(h)).
+
+    norm_position="post" moves each norm after its residual add: h = norm(x + attn(x)),
+    out = norm(h + ffn(h)). parallel_block=True feeds both branches the block's input:
+    out = x + attn(norm(x)) + ffn(norm'(x)), with GPT-NeoX's two norms, so the parameters stay those of
+    the sequential block. Dropout, when on, drops from each branch's output before its add.
+    """
 
     def __init__(self, layer_id: int, args: TransformerModelArgs):
         super().__init__()
         self.layer_id = layer_id
+        self.post_norm = args.norm_position == "post"
+        self.parallel = args.parallel_block
         self.attention_norm = build_norm(args)
         self.attention = Attention(args)
         self.ffn_norm = build_norm(args)
-        ffn_cls = FeedForward if args.mlp == "swiglu" else GeluFeedForward
-        self.feed_forward = ffn_cls(args.dim, args.ffn_hidden_dim)
+        if args.mlp == "swiglu":
+            self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        else:
+            self.feed_forward = TwoLayerFeedForward(args.dim, args.ffn_hidden_dim, args.mlp)
+        # Identity when off: no random numbers drawn, so training stays bit-for-bit deterministic.
+        self.resid_dropout = nn.Dropout(args.dropout) if args.dropout > 0 else nn.Identity()
 
     def forward(self, x, rope, mask, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, mask, cache, start_pos)  # (B, T, C)
-        return h + self.feed_forward(self.ffn_norm(h))  # (B, T, C)
+        if self.parallel:
+            attn = self.attention(self.attention_norm(x), rope, mask, cache, start_pos)  # (B, T, C)
+            ffn = self.feed_forward(self.ffn_norm(x))  # (B, T, C), from x, not from x + attn
+            return x + self.resid_dropout(attn) + self.resid_dropout(ffn)
+        if self.post_norm:
+            h = self.attention_norm(x + self.resid_dropout(self.attention(x, rope, mask, cache, start_pos)))
+            return self.ffn_norm(h + self.resid_dropout(self.feed_forward(h)))  # (B, T, C)
+        h = x + self.resid_dropout(self.attention(self.attention_norm(x), rope, mask, cache, start_pos))
+        return h + self.resid_dropout(self.feed_forward(self.ffn_norm(h)))  # (B, T, C)
 
 
 class Transformer(nn.Module):
@@ -388,7 +458,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.pos_embeddings = nn.Embedding(args.seq_len, args.dim) if args.pos == "learned" else None
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
-        self.norm = build_norm(args)
+        self.norm = build_norm(args)  # kept with post-norm blocks too: that switch moves only theirs
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)  # untied from tok_embeddings
         # Non-persistent: derived from args, so they stay out of checkpoints (as Meta's freqs_cis).
         self.register_buffer("freqs_cos", torch.empty(0), persistent=False)

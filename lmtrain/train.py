@@ -604,7 +604,9 @@ def restore(run: Run) -> None:
     path, state = found
     check_batch_shape(path, state, cfg)
     model_args = run.model_args
-    saved_args, built_args = dict(state["model_args"]), dict(model_args)
+    # Through the dataclass: a checkpoint from before a switch existed holds its default.
+    saved_args = dataclasses.asdict(type(run.args)(**state["model_args"]))
+    built_args = dict(model_args)
     if cfg.checkpoint.allow_batch_change and built_args.get("pos") != "learned":
         saved_args.pop("seq_len", None)  # only the size of the RoPE tables, not a weight
         built_args.pop("seq_len", None)

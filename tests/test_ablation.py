@@ -197,3 +197,98 @@ def test_dry_run_prints_one_command_per_run(tmp_path, capsys):
     assert "--model.mlp=swiglu" in out and "--training.seed=1" in out
     cfg = config_from_dict(yaml.safe_load((tmp_path / "base.yaml").read_text()))
     assert cfg.training.steps == 10
+
+
+# --------------------------------------------------------------------------------------------------
+# The architecture study and variants from the command line
+# --------------------------------------------------------------------------------------------------
+
+ARCHITECTURE_SWITCHES = {
+    "no_norm": {"model.norm": "none"},
+    "post_norm": {"model.norm_position": "post"},
+    "nope": {"model.pos": "none"},
+    "silu": {"model.mlp": "silu"},
+    "gelu": {"model.mlp": "gelu"},
+    "gelu_exact": {"model.mlp": "gelu_exact"},
+    "parallel": {"model.parallel_block": True},
+    "dropout": {"model.dropout": 0.1},
+    "wide_ffn": {"model.d_ff": 256},
+}
+
+
+def test_architecture_study_changes_one_switch_of_a_llama_baseline(tmp_path):
+    study = ablation.load_study("architecture")
+    assert study.config.name == "llama-base.yaml"
+    runs = ablation.plan(study, tmp_path, steps=20)
+    assert [r.variant for r in runs] == ["baseline", *ARCHITECTURE_SWITCHES]
+    base = flat(runs[0].config)
+    llama = ("rmsnorm", "swiglu", "rope", None, None, None, None)
+    keys = ("norm", "mlp", "pos", "norm_position", "parallel_block", "dropout", "d_ff")
+    assert tuple(base[f"model.{k}"] for k in keys) == llama
+    ignored = {"training.name", "training.output_dir"}
+    for run in runs[1:]:
+        cfg = flat(run.config)
+        diff = {k: cfg[k] for k in cfg if cfg[k] != base[k] and k not in ignored}
+        assert diff == ARCHITECTURE_SWITCHES[run.variant]
+
+
+def test_architecture_experiment_is_a_valid_launcher_experiment():
+    from jobs.spec import load_experiment
+
+    exp = load_experiment(str(ablation.STUDY_DIR / "llama-experiment.yaml"))
+    assert (exp.train.model.norm, exp.train.model.mlp, exp.train.model.pos) == ("rmsnorm", "swiglu", "rope")
+
+
+@pytest.mark.parametrize(
+    "spec, name, overrides",
+    [
+        ("nope:model.pos=none", "nope", {"model.pos": "none"}),
+        ("model.pos=none", "pos_none", {"model.pos": "none"}),
+        (
+            "model.norm_position=post,model.dropout=0.1",
+            "norm_position_post_dropout_0_1",
+            {"model.norm_position": "post", "model.dropout": "0.1"},
+        ),
+        ("tok:data.tokenizer=C:/tok.json", "tok", {"data.tokenizer": "C:/tok.json"}),
+    ],
+)
+def test_parse_variant(spec, name, overrides):
+    assert ablation.parse_variant(spec) == (name, overrides)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("nope", r"'nope' is not section.field=value"),
+        ("x:model.pos", r"'model.pos' is not section.field=value"),
+        ("no pe:model.pos=none", "must be letters, digits and '_'"),
+        ("swiglu:model.mlp=silu", "already defines a variant 'swiglu'"),
+    ],
+)
+def test_bad_variant_on_the_command_line(tmp_path, spec, message):
+    study = write_study(tmp_path)
+    with pytest.raises(UserError, match=message):
+        ablation.main(["--study", str(study), "--out", str(tmp_path / "o"), "--dry-run", "--variant", spec])
+
+
+def test_dataset_tokenizer_and_variants_from_the_command_line(tmp_path, capsys):
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"text": "def f():\\n    return 1\\n"}\n')
+    argv = ["--study", str(write_study(tmp_path)), "--out", str(tmp_path / "o"), "--dry-run"]
+    argv += ["--dataset", str(data), "--tokenizer", "byte", "--variant", "nope:model.pos=none"]
+    argv += ["--variant", "model.norm=none"]
+    assert ablation.main(argv) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+    assert len(commands) == 3  # the baseline and the two new variants; not the study's swiglu
+    assert all(f"--data.dataset={data}" in c and "--data.tokenizer=byte" in c for c in commands)
+    assert "--model.pos=none" in commands[1] and "--model.norm=none" in commands[2]
+    assert "norm_none-seed0" in commands[2]
+    # --variants still picks: here a study variant beside a new one
+    assert ablation.main([*argv, "--variants", "swiglu,nope"]) == 0
+    assert capsys.readouterr().out.count("-m lmtrain.train") == 2
+
+
+def test_missing_dataset_is_a_user_error(tmp_path):
+    argv = ["--study", str(write_study(tmp_path)), "--dry-run", "--dataset", str(tmp_path / "nothing")]
+    with pytest.raises(UserError, match="--dataset .*nothing: no such file or directory"):
+        ablation.main(argv)

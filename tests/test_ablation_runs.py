@@ -99,3 +99,25 @@ def test_study_as_a_job_array_on_local_slurm(tmp_path, corpus):
         "rmsnorm",
         "all",
     ]
+
+
+@pytest.mark.slow
+def test_study_on_your_own_jsonl_from_the_command_line(tmp_path):
+    """No study YAML of one's own: a JSONL of {"text": ...} lines, the byte tokenizer and one new
+    variant given as flags; the architecture study's baseline and that variant train and report."""
+    import inspect
+
+    data = tmp_path / "mine.jsonl"
+    modules = [json, subprocess, pytest, inspect]  # their sources as the documents
+    data.write_text("".join(json.dumps({"text": inspect.getsource(m)[:4000]}) + "\n" for m in modules))
+    out = tmp_path / "study"
+    argv = ["--study", "architecture", "--steps", "3", "--out", str(out), "--no-generations"]
+    argv += ["--dataset", str(data), "--tokenizer", "byte", "--variant", "model.norm_position=post"]
+    assert ablation.main([*argv, *TINY, "--training.eval_interval=0"]) == 0
+    for name in ("baseline-seed0", "norm_position_post-seed0"):
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert summary["exit_reason"] == "completed" and summary["steps"] == 3
+    config = (out / "norm_position_post-seed0" / "config.yaml").read_text()
+    assert "norm_position: post" in config and f"dataset: {data}" in config
+    assert report_rows(out / "report.md") == ["baseline", "norm_position_post"]
+    assert "model.norm_position=post" in (out / "report.md").read_text()

@@ -64,12 +64,34 @@ def test_without_the_permutation_logits_differ():
         assert (model(tokens) - wrong(tokens).logits).abs().max().item() > 1e-2
 
 
-@pytest.mark.parametrize("switch", [{"norm": "layernorm"}, {"mlp": "gelu"}, {"pos": "learned"}])
-def test_ablation_switches_do_not_export(switch):
+@pytest.mark.parametrize(
+    "switch, shown",
+    [
+        ({"norm": "layernorm"}, "norm=layernorm"),
+        ({"norm": "none"}, "norm=none"),
+        ({"mlp": "gelu"}, "mlp=gelu"),
+        ({"mlp": "gelu_exact"}, "mlp=gelu_exact"),
+        ({"mlp": "silu"}, "mlp=silu"),
+        ({"pos": "learned"}, "pos=learned"),
+        ({"pos": "none"}, "pos=none"),
+        ({"norm_position": "post"}, "norm_position=post"),
+        ({"parallel_block": True}, "parallel_block=true"),
+    ],
+)
+def test_ablation_switches_do_not_export(switch, shown):
     model = random_llama(**switch)
-    name, value = next(iter(switch.items()))
-    with pytest.raises(UserError, match=f"model.{name}={value} cannot be exported as LlamaForCausalLM"):
+    with pytest.raises(UserError, match=f"model.{shown} cannot be exported as LlamaForCausalLM"):
         to_hf_model(model)
+
+
+def test_explicit_d_ff_and_dropout_export_with_the_same_logits():
+    """d_ff is LlamaForCausalLM's intermediate_size; dropout acts only in training."""
+    model = random_llama(d_ff=72, dropout=0.2).eval()
+    hf = to_hf_model(model)
+    assert hf.config.intermediate_size == 72
+    tokens = torch.randint(0, model.args.vocab_size, (1, 20))
+    with torch.no_grad():
+        assert (model(tokens) - hf(tokens).logits).abs().max().item() < 1e-4
 
 
 def test_cli_exports_a_run_that_transformers_loads(tmp_path):

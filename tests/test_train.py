@@ -269,6 +269,18 @@ def test_resume_with_another_model_is_a_user_error(stdlib_corpus, reference, tmp
         )
 
 
+def test_checkpoint_from_before_the_later_model_switches_resumes(stdlib_corpus, reference, tmp_path):
+    """A checkpoint whose model_args predate norm_position, parallel_block, dropout and d_ff resumes:
+    the missing fields take their defaults, which are the architecture it was trained with."""
+    state = ckpt.load_checkpoint(ckpt.checkpoint_path(reference, 8))
+    for key in ("norm_position", "parallel_block", "dropout", "d_ff"):
+        del state["model_args"][key]
+    old = tmp_path / "old.pt"
+    ckpt.atomic_torch_save(state, old)
+    summary = run(tiny_args(stdlib_corpus, tmp_path / "run", 10, "--checkpoint.resume", str(old)))
+    assert summary["resumed_from"] == 8 and summary["exit_reason"] == "completed"
+
+
 def test_cuda_device_without_cuda_is_a_user_error(stdlib_corpus, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA is present")
