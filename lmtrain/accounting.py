@@ -184,6 +184,13 @@ DEFAULT_VOCAB = 128256
 _OVERRIDES = [f for f in dataclasses.fields(ModelConfig) if f.name not in ("preset", "vocab_size", "seq_len")]
 
 
+def _bool(text: str) -> bool:
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
+
 def _override_type(f: dataclasses.Field) -> dict[str, Any]:
     """argparse keywords for a ModelConfig field, from its annotation (Optional[int], Literal[...])."""
     hint = typing.get_type_hints(ModelConfig)[f.name]
@@ -192,7 +199,7 @@ def _override_type(f: dataclasses.Field) -> dict[str, Any]:
     if typing.get_origin(inner) is typing.Literal:
         return dict(choices=typing.get_args(inner))
     if inner is bool:
-        return dict(type=lambda v: v.lower() in ("1", "true", "yes"), metavar="BOOL")
+        return dict(type=_bool, metavar="BOOL")
     return dict(type=inner if inner in (int, float, str) else str)
 
 
