@@ -133,8 +133,8 @@ class RoundsResult:
             med, lo, hi = self.ratio(name, baseline)
             table.add_row(
                 name,
-                f"{self.median_rate(name):,.1f}",
-                f"{min(rates):,.1f}..{max(rates):,.1f}",
+                _si(self.median_rate(name)),
+                f"{_si(min(rates))}..{_si(max(rates))}",
                 f"{1e3 * self.median_cpu_per_unit(name):.3g}",
                 f"{med:.2f}",
                 f"{lo:.2f}..{hi:.2f}",
@@ -142,6 +142,14 @@ class RoundsResult:
             )
         Console(file=file or sys.stdout, width=120).print(table)
         print(self.load_line(), file=file or sys.stdout)
+
+
+def _si(x: float) -> str:
+    """1234567 -> '1.23 M': rates of bytes or tokens stay readable in a narrow column."""
+    for scale, prefix in ((1e12, " T"), (1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{prefix}"
+    return f"{x:.3g}"
 
 
 def rotated(order: list[str], round_index: int) -> list[str]:

@@ -70,13 +70,14 @@ def test_gemm_efficiency_slows_only_compute():
     )
 
 
-def test_device_peaks_match_the_trainer_and_the_profiling_table():
-    from lmtrain.profiling.peaks import device_peaks
+def test_device_peaks_come_from_the_trainer_table_with_the_datasheet_bandwidths():
+    from lmtrain.metrics import PEAK_TFLOPS
 
-    for key in ("gh200", "h100-sxm", "h100-pcie", "h200", "a100"):
-        dev, prof = device(key), device_peaks(key)
-        assert (dev.tflops, dev.bandwidth) == (prof.tflops, prof.bandwidth), key
-    assert device("GH200").tflops == 989.0 and device("gh200").bandwidth == 4.0e12
+    trainer_bf16 = {needles: peaks["bf16"] for needles, peaks in PEAK_TFLOPS}
+    assert device("GH200").tflops == trainer_bf16[("GH200",)] == 989.0
+    assert device("h100-pcie").tflops == trainer_bf16[("H100", "PCIE")] == 756.0
+    bandwidths = {"gh200": 4.0e12, "h100-sxm": 3.35e12, "h200": 4.8e12, "a100": 2.0e12}  # TB/s, datasheets
+    assert {key: device(key).bandwidth for key in bandwidths} == bandwidths
 
 
 @pytest.mark.parametrize(
