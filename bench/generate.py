@@ -171,9 +171,12 @@ def main(argv: list[str]) -> int:
 
         return run
 
-    contenders = {name: contender(name, d) for name, d in decoders(model).items()}
+    decoding = decoders(model)
+    for decode in decoding.values():  # warm-up on 8 tokens: allocator, kernels, first calls
+        decode(prompt, min(8, opts.new_tokens))
+    contenders = {name: contender(name, decode) for name, decode in decoding.items()}
     sync = torch.cuda.synchronize if opts.device.startswith("cuda") else None
-    result = compare(contenders, rounds=opts.rounds, unit="token", sync=sync)
+    result = compare(contenders, rounds=opts.rounds, unit="token", warmup=0, sync=sync)
     result.print_table(f"greedy decoding, {opts.new_tokens} new tokens", baseline="lmtrain recompute")
     reference = outputs["lmtrain cached"]
     for name, out in outputs.items():
