@@ -225,12 +225,14 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     (unbind, four products, a stack) costs about four times as much on CPU. Under torch.compile the
     real form is used: the compiler fuses it into one kernel anyway and stays away from complex dtypes.
     """
+    xf = x if x.dtype == torch.float32 else x.float()  # no op at all in fp32: decoding counts ops
+    pairs = xf.unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
+    if not torch.compiler.is_compiling():
+        rotation = torch.complex(cos, sin)[:, None]  # (T, 1, hd/2): broadcast over batch and heads
+        rotated = torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2)  # (B, T, H, hd)
+        return rotated if rotated.dtype == x.dtype else rotated.type_as(x)
     cos = cos[None, :, None, :]  # (1, T, 1, hd/2): broadcast over batch and heads
     sin = sin[None, :, None, :]
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
-    if not torch.compiler.is_compiling():
-        rotated = torch.view_as_complex(pairs) * torch.complex(cos, sin)  # (B, T, H, hd/2) complex
-        return torch.view_as_real(rotated).flatten(-2).type_as(x)  # (B, T, H, hd)
     a, b = pairs.unbind(-1)  # (B, T, H, hd/2) each
     rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)  # (B, T, H, hd/2, 2)
     return rotated.flatten(-2).type_as(x)  # (B, T, H, hd)
