@@ -1,15 +1,17 @@
 """Three batching strategies for variable-length documents, timed with a small GPT-2-like model.
 
-    lmtrain bench batching --batches 4 --batch-size 8
+    lmtrain bench batching --batches 2 --rounds 3 --batch-size 8
 
 Strategies: pad every batch to max_length (640), pad to the longest document of a random batch, and
 the bucket sampler for k = 1, 5, 10, 20, 50, 640. The model is an embedding, a learned positional
 encoding and one `nn.TransformerDecoderLayer` (hidden 1024, 8 heads, causal, cross-attending to its own
-input), run forward only after warm-up; each batch is timed on its own (synchronising when on a GPU).
+input), run forward only. The strategies alternate in rounds of --batches batches each
+(`lmtrain.rounds`), after an untimed warm-up round; each batch is also timed on its own (synchronising
+when on a GPU) for the per-batch statistics.
 Document lengths are synthetic (log-normal, median ~150 tokens, truncated to 640) with random token ids:
 the forward cost depends on shapes only. Prints a rich table, writes a CSV, then shows that the sampler's
 per-batch cost stays flat from 10^4 to 10^6 documents. The last line is the speed-up of the best
-bucketed run over padding to max_length.
+bucketed run over padding to max_length, with its spread over rounds and its CPU-time ratio.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from rich.table import Table
 from torch import nn
 
 from lmtrain.data.batching import BucketBatchSampler, pad_to_longest, pad_to_max_length
+from lmtrain.rounds import compare
 
 MAX_LENGTH = 640
 REPO = Path(__file__).resolve().parents[1]
@@ -64,34 +67,51 @@ def strategy_batches(name: str, lengths: np.ndarray, batch_size: int, k: int | N
         yield order[i : i + batch_size].tolist()
 
 
-def run(model, docs, lengths, name, k, args, device) -> dict:
+def strategy(model, docs, lengths, name, k, args, device, stats: dict):
+    """A contender: forward passes over the next `args.batches` batches of one strategy (its sampler
+    restarts when exhausted); returns the real (non-padding) tokens and records per-batch times."""
     collate = (lambda b: pad_to_max_length(b, MAX_LENGTH)) if name == "max_length" else pad_to_longest
-    times, tokens, real = [], 0, 0
-    for i, idx in enumerate(strategy_batches(name, lengths, args.batch_size, k, args.seed)):
-        if i >= args.warmup + args.batches:
-            break
-        batch = collate([docs[j] for j in idx])
-        ids = batch["input_ids"].to(device)
-        pad = torch.arange(ids.shape[1])[None, :] >= torch.as_tensor(lengths[idx])[:, None]  # (B, L)
-        pad = pad.to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.no_grad():
-            model(ids, pad)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-            tokens += ids.numel()
+    batches = iter(())
+    epoch = 0
+
+    def run() -> int:
+        nonlocal batches, epoch
+        real = 0
+        for _ in range(args.batches):
+            idx = next(batches, None)
+            if idx is None:
+                epoch += 1
+                batches = iter(strategy_batches(name, lengths, args.batch_size, k, args.seed + epoch))
+                idx = next(batches)
+            batch = collate([docs[j] for j in idx])
+            ids = batch["input_ids"].to(device)
+            pad = torch.arange(ids.shape[1])[None, :] >= torch.as_tensor(lengths[idx])[:, None]  # (B, L)
+            pad = pad.to(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.no_grad():
+                model(ids, pad)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            stats["times"].append(time.perf_counter() - start)
+            stats["tokens"] += ids.numel()
+            stats["real"] += int(lengths[idx].sum())
             real += int(lengths[idx].sum())
+        return real
+
+    return run
+
+
+def summary(stats: dict) -> dict:
+    times = stats["times"]
     return {
         "min": min(times),
         "max": max(times),
         "mean": statistics.mean(times),
         "median": statistics.median(times),
-        "padding": 1 - real / tokens,
-        "tokens_per_s": real / sum(times),
+        "padding": 1 - stats["real"] / stats["tokens"],
+        "tokens_per_s": stats["real"] / sum(times),
         "batches": len(times),
     }
 
@@ -120,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lmtrain bench batching", description=__doc__.split("\n\n")[0])
     p.add_argument("--documents", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--batches", type=int, default=4, help="timed batches per run")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--batches", type=int, default=2, help="batches per strategy and round")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--ks", default="1,5,10,20,50,640")
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
@@ -134,10 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     docs = [torch.randint(0, 1024, (int(n),), generator=gen) for n in lengths]
     runs = [("max_length", None), ("longest", None)] + [("bucket", int(k)) for k in args.ks.split(",")]
-    rows = []
-    for name, k in runs:
-        r = run(model, docs, lengths, name, k, args, device)
-        rows.append({"strategy": name if k is None else f"bucket k={k}", **r})
+    names = [name if k is None else f"bucket k={k}" for name, k in runs]
+    stats = {label: {"times": [], "tokens": 0, "real": 0} for label in names}
+    contenders = {
+        label: strategy(model, docs, lengths, name, k, args, device, stats[label])
+        for label, (name, k) in zip(names, runs)
+    }
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    result = compare(contenders, rounds=args.rounds, unit="token", warmup=args.warmup, sync=sync)
+    for s in stats.values():  # per-batch statistics of the timed rounds only
+        del s["times"][: args.warmup * args.batches]
+    rows = [{"strategy": label, **summary(stats[label])} for label in names]
     table = Table(title=f"forward time per batch, B={args.batch_size}, {device.type}, dim {args.dim}")
     for col in ("strategy", "min ms", "max ms", "mean ms", "median ms", "padding", "tokens/s"):
         table.add_column(col, justify="left" if col == "strategy" else "right")
@@ -158,9 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out}")
     for line in sampler_cost(args.batch_size, 20):
         print(line)
-    best = max(rows[2:], key=lambda r: r["tokens_per_s"])
-    ratio = best["tokens_per_s"] / rows[0]["tokens_per_s"]
-    print(f"{best['strategy']}/max_length useful tokens/s ratio: {ratio:.2f}")
+    result.print_table("useful tokens/s per strategy", baseline="max_length")
+    best = max(names[2:], key=result.median_rate)
+    print(result.headline(best, "max_length", f"{best}/max_length useful tokens/s ratio"))
     return 0
 
 

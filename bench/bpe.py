@@ -11,9 +11,10 @@ the tokenizer lmtrain trained, loaded into both libraries from its tokenizer.jso
 
 The acceptance check trains a vocabulary of 500 on 130 KB of English prose: the licence texts Debian
 ships in /usr/share/common-licenses (GPL, LGPL, GFDL, Apache, MPL, Artistic, ...), concatenated in
-name order, or the stdlib's comments and docstrings where that folder is missing. CPU seconds are
-printed beside wall times (a busy machine inflates the latter). The last line is the ratio of training
-wall times (target: <= 3).
+name order, or the stdlib's comments and docstrings where that folder is missing. Training and
+encoding alternate between the two libraries in rounds (`lmtrain.rounds`: per-round ratios, CPU time
+of the process and its worker processes per byte beside wall time). The last line is the ratio of
+training wall times, lmtrain over Hugging Face (target: <= 3), with its spread and CPU-time ratio.
 """
 
 from __future__ import annotations
@@ -109,17 +110,11 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
-def timed_cpu(fn, *args, **kwargs):
-    """(result, wall seconds, CPU seconds): CPU time tells apart a slow run from a busy machine."""
-    cpu = cpu_seconds()
-    out, wall = timed(fn, *args, **kwargs)
-    return out, wall, cpu_seconds() - cpu
-
-
 def main(argv: list[str] | None = None) -> int:
     import tokenizers
 
     from lmtrain.errors import UserError
+    from lmtrain.rounds import compare
     from lmtrain.tokenizer import Tokenizer, train_bpe
 
     p = argparse.ArgumentParser(prog="lmtrain bench bpe", description=__doc__.split("\n\n")[0])
@@ -127,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--encode-mb", type=float, default=4.0, help="MB of documents to time encoding on")
     p.add_argument("--workers", type=int, default=None, help="lmtrain pre-tokenisation processes")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of each comparison")
     args = p.parse_args(argv)
     if args.max_mb is not None and args.max_mb <= 0:
         raise UserError(f"--max-mb {args.max_mb}: expected a positive size in MB")
@@ -141,17 +137,24 @@ def main(argv: list[str] | None = None) -> int:
             f"corpus: {n_files} stdlib .py files, {n_bytes / 1e6:.1f} MB, vocab {args.vocab_size}, {cores} cores"
         )
 
-        # Ours first: its worker processes are forked before Hugging Face starts its thread pool.
-        (vocab, merges), t_ours, c_ours = timed_cpu(
-            train_bpe, corpus, args.vocab_size, [EOT], num_workers=args.workers
-        )
-        hf_tok, t_hf, c_hf = timed_cpu(hf_train, corpus, args.vocab_size, [EOT])
-        print(f"train  lmtrain: {t_ours:7.2f} s   ({n_bytes / 1e6 / t_ours:.2f} MB/s, {c_ours:.1f} CPU s)")
-        print(f"train  hf:      {t_hf:7.2f} s   ({n_bytes / 1e6 / t_hf:.2f} MB/s, {c_hf:.1f} CPU s)")
-        if os.getloadavg()[0] > (cores or 1) + 0.5:
-            print(
-                f"       note: load average {os.getloadavg()[0]:.1f} on {cores} cores, wall times are inflated"
-            )
+        # Alternating rounds (lmtrain.rounds); CPU time includes the pre-tokenising worker processes.
+        trained = {}
+
+        def train_ours():
+            trained["lmtrain"] = train_bpe(corpus, args.vocab_size, [EOT], num_workers=args.workers)
+            return n_bytes
+
+        def train_hf():
+            trained["hf"] = hf_train(corpus, args.vocab_size, [EOT])
+            return n_bytes
+
+        training = compare(
+            {"lmtrain": train_ours, "hf": train_hf}, rounds=args.rounds, unit="byte", warmup=0,
+            cpu_clock=cpu_seconds,
+        )  # fmt: skip
+        training.print_table("BPE training", baseline="hf")
+        vocab, merges = trained["lmtrain"]
+        hf_tok = trained["hf"]
         hf_merges = hf_tok.get_vocab_size()
         print(f"       vocab sizes: lmtrain {len(vocab)}, hf {hf_merges}")
 
@@ -164,13 +167,23 @@ def main(argv: list[str] | None = None) -> int:
             size += len(doc.encode("utf-8"))
             if size >= args.encode_mb * 1e6:
                 break
-        ids_ours, te_ours = timed(lambda: [ours.encode(d) for d in docs])
-        enc_hf, te_hf = timed(hf_same.encode_batch, docs, add_special_tokens=False)
-        same = ids_ours == [e.ids for e in enc_hf]
-        print(
-            f"encode lmtrain: {size / 1e6 / te_ours:7.2f} MB/s (1 process)   hf: {size / 1e6 / te_hf:7.2f} MB/s "
-            f"(encode_batch)   on {size / 1e6:.1f} MB; identical ids: {'yes' if same else 'NO'}"
-        )
+        encoded = {}
+
+        def encode_ours():
+            encoded["lmtrain"] = [ours.encode(d) for d in docs]
+            return size
+
+        def encode_hf():
+            encoded["hf"] = [e.ids for e in hf_same.encode_batch(docs, add_special_tokens=False)]
+            return size
+
+        encoding = compare(
+            {"lmtrain (1 process)": encode_ours, "hf (encode_batch)": encode_hf}, rounds=args.rounds,
+            unit="byte", warmup=0,
+        )  # fmt: skip
+        encoding.print_table(f"encoding {size / 1e6:.1f} MB", baseline="hf (encode_batch)")
+        same = encoded["lmtrain"] == encoded["hf"]
+        print(f"identical ids: {'yes' if same else 'NO'}")
 
         text, source = english_text()
         english = tmp / "english.txt"
@@ -180,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "PASS" if t_en < 1.5 else "FAIL"
         print(f"english: {len(text.encode()) / 1000:.0f} KB from {source}")
         print(f"english vocab 500: lmtrain {t_en:.2f} s (target < 1.5 s: {verdict}), hf {t_en_hf:.2f} s")
-    print(f"lmtrain/hf bpe train CPU time ratio: {c_ours / c_hf:.2f}")
-    print(f"lmtrain/hf bpe train time ratio: {t_ours / t_hf:.2f}")
+    # Time ratios (lmtrain over hf, lower is better): hf's rate over lmtrain's, round by round.
+    print(training.headline("hf", "lmtrain", "lmtrain/hf bpe train time ratio"))
     return 0 if same else 1
 
 

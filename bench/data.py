@@ -1,10 +1,12 @@
 """Useful (non-ignored) tokens per second: padded baseline vs packed from parquet vs packed pre-tokenized.
 
-    lmtrain bench data --max-documents 400 --seconds 5
+    lmtrain bench data --max-documents 400 --rounds 5
 
 Runs on the stdlib corpus (built with `lmtrain prepare --pretokenize` into --cache if absent, then
 reused), in the main process (num_workers=0) so that the three pipelines are compared like for like.
-The last line is the ratio of packed-from-parquet to the padded baseline.
+The pipelines alternate in rounds of --batches batches each (`lmtrain.rounds`), so that a busy machine
+slows them alike. The last line is the ratio of packed-from-parquet to the padded baseline, with its
+spread over rounds and its CPU-time ratio.
 """
 
 from __future__ import annotations
@@ -16,23 +18,27 @@ from pathlib import Path
 from lmtrain.config import DataConfig
 from lmtrain.data import build_dataloader, load_tokenizer
 from lmtrain.data.prepare import parse_args, prepare
+from lmtrain.errors import UserError
+from lmtrain.rounds import compare
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def measure(cfg: DataConfig, tokenizer, seconds: float, max_batches: int) -> dict:
+def pipeline(cfg: DataConfig, tokenizer, batches: int, counts: dict):
+    """A contender: the next `batches` batches of an endless loader; returns their useful tokens and
+    adds both counts to `counts` (for the share of ignored positions)."""
     loader = iter(build_dataloader(cfg, tokenizer, "train", seed=0))
-    next(loader)  # warm-up: file opening, first tokenizer call
-    batches = tokens = useful = 0
-    start = time.perf_counter()
-    while batches < max_batches and time.perf_counter() - start < seconds:
-        batch = next(loader)
-        labels = batch["labels"]
-        batches += 1
-        tokens += labels.numel()
-        useful += int((labels != -100).sum())
-    elapsed = time.perf_counter() - start
-    return {"batches": batches, "tokens": tokens, "useful": useful, "seconds": elapsed}
+
+    def run() -> int:
+        useful = 0
+        for _ in range(batches):
+            labels = next(loader)["labels"]
+            counts["tokens"] += labels.numel()
+            useful += int((labels != -100).sum())
+        counts["useful"] += useful
+        return useful
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default="byte")
     p.add_argument("--sequence-length", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seconds", type=float, default=10.0, help="time budget per pipeline")
-    p.add_argument("--max-batches", type=int, default=100_000)
+    p.add_argument("--batches", type=int, default=8, help="batches per pipeline and round")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds")
     args = p.parse_args(argv)
+    if args.batches < 1 or args.rounds < 1:
+        raise UserError(f"--batches and --rounds must be >= 1, got {args.batches} and {args.rounds}")
     cache = Path(args.cache + (f"-{args.max_documents}" if args.max_documents else ""))
     prep = ["--source", "stdlib", "--out", str(cache), "--tokenizer", args.tokenizer, "--pretokenize"]
     if args.max_documents:
@@ -62,20 +70,19 @@ def main(argv: list[str] | None = None) -> int:
         "packed (parquet)": DataConfig(dataset=str(cache / "train.parquet"), pipeline="packed", **shape),
         "packed (pretokenized)": DataConfig(dataset=str(cache), pipeline="packed", **shape),
     }
-    results = {}
-    print(f"B={args.batch_size} T={args.sequence_length}, {args.seconds:g} s per pipeline, num_workers=0")
-    for name, cfg in runs.items():
-        r = measure(cfg, tokenizer, args.seconds, args.max_batches)
-        results[name] = r["useful"] / r["seconds"]
-        padding = 1 - r["useful"] / r["tokens"]
-        print(
-            f"{name:<22} {r['batches']:>6} batches  useful {results[name] / 1e6:8.3f} M tokens/s  "
-            f"ignored {padding:6.2%}"
+    counts = {name: {"tokens": 0, "useful": 0} for name in runs}
+    contenders = {name: pipeline(cfg, tokenizer, args.batches, counts[name]) for name, cfg in runs.items()}
+    print(f"B={args.batch_size} T={args.sequence_length}, {args.batches} batches per round, num_workers=0")
+    result = compare(contenders, rounds=args.rounds, unit="token")  # warm-up: file opening, first batch
+    result.print_table("useful tokens/s", baseline="padded (parquet)")
+    for name, c in counts.items():
+        print(f"{name:<22} ignored positions {1 - c['useful'] / c['tokens']:6.2%}")
+    print(
+        result.headline(
+            "packed (pretokenized)", "padded (parquet)", "pretokenized/padded useful tokens/s ratio"
         )
-    pre = results["packed (pretokenized)"] / results["padded (parquet)"]
-    print(f"pretokenized/padded useful tokens/s ratio: {pre:.1f}")
-    ratio = results["packed (parquet)"] / results["padded (parquet)"]
-    print(f"packed/padded useful tokens/s ratio: {ratio:.2f}")
+    )
+    print(result.headline("packed (parquet)", "padded (parquet)", "packed/padded useful tokens/s ratio"))
     return 0
 
 

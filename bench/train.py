@@ -1,34 +1,38 @@
-"""Training-step throughput: lmtrain's model and step against transformers' LlamaForCausalLM, same run.
+"""Training-step throughput: lmtrain against transformers' LlamaForCausalLM and a nanoGPT-style GPT.
 
-    lmtrain bench train --steps 5 --rounds 5
+    lmtrain bench train --steps 3 --rounds 5
 
-Both models have the tiny shapes (4 layers, dim 256, 4 heads with 2 key/value heads, SwiGLU 768,
-vocab 8192), batch 8 x 256 tokens, fp32 and the same AdamW (foreach). lmtrain's step computes the output
-projection and the loss fused, chunk by chunk (`training.loss_chunk`, lmtrain.losses); transformers'
-computes full logits, then F.cross_entropy. The GEMMs are the same and take two thirds of either step.
-Rounds alternate between the two so that a busy machine slows both alike; the median round counts. Then:
-MFU of a larger model (dim 512) against the matmul peak measured here, and the share of a real
-`lmtrain.train` step spent outside forward, backward and optimizer (data wait, logging, metrics).
-The last line is `lmtrain/hf train tokens/s ratio: X`.
+lmtrain and transformers run the tiny shapes (4 layers, dim 256, 4 heads with 2 key/value heads,
+SwiGLU 768, vocab 8192); the GPT follows nanoGPT's published design at the same width, depth and
+vocabulary (learned positions, LayerNorm and Linear biases, GELU MLP of 4 x dim, fused qkv projection,
+output head tied to the embedding). Batch 8 x 256 tokens, fp32, the same AdamW (foreach) and gradient
+clipping for all. lmtrain's step computes the output projection and the loss fused, chunk by chunk
+(`training.loss_chunk`, lmtrain.losses); the others compute full logits, then F.cross_entropy.
+The three alternate in rounds (`lmtrain.rounds`), so that a busy machine slows them alike; the table
+gives per-round ratios and the CPU-time ratio. Then: MFU of a larger model (dim 512) against the
+matmul peak measured here, and the share of a real `lmtrain.train` step spent outside forward,
+backward and optimizer (data wait, logging, metrics). The last two lines are the lmtrain/hf and
+lmtrain/nanogpt tokens/s ratios.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import math
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from lmtrain.config import OptimizerConfig
 from lmtrain.hooks import StepHooks
-from lmtrain.metrics import measure_peak_tflops, mfu
 from lmtrain.model import Transformer, TransformerModelArgs
 from lmtrain.optim import build_optimizer
 from lmtrain.precision import LossScaler
+from lmtrain.rounds import compare
 from lmtrain.train import model_flops_per_token, train_step
 
 SHAPES = dict(
@@ -62,10 +66,15 @@ def hf(args: TransformerModelArgs):
         tie_word_embeddings=False, attn_implementation="sdpa",
     )  # fmt: skip
     model = LlamaForCausalLM(config).train()
+    return logits_then_loss_step(model, lambda ids: model(input_ids=ids).logits)
+
+
+def logits_then_loss_step(model: nn.Module, logits_of):
+    """The textbook step: full logits, F.cross_entropy, backward, clipping, AdamW (foreach)."""
     opt = build_optimizer(model, OptimizerConfig(lr=1e-3, fused=False), "cpu")
 
     def step(batch):
-        logits = model(input_ids=batch["input_ids"]).logits
+        logits = logits_of(batch["input_ids"])  # (B, T, vocab)
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
@@ -76,11 +85,58 @@ def hf(args: TransformerModelArgs):
     return step
 
 
-def tokens_per_s(step, batch, steps: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step(batch)
-    return batch["input_ids"].numel() * steps / (time.perf_counter() - t0)
+# --------------------------------------------------------------------------------------------------
+# A GPT in nanoGPT's design (written from its description, for this comparison only)
+# --------------------------------------------------------------------------------------------------
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.ln_1 = nn.LayerNorm(dim)
+        self.c_attn = nn.Linear(dim, 3 * dim)  # q, k and v in one product
+        self.c_proj = nn.Linear(dim, dim)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.c_fc = nn.Linear(dim, 4 * dim)
+        self.mlp_proj = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C)
+        B, T, C = x.shape
+        qkv = self.c_attn(self.ln_1(x)).view(B, T, 3, self.n_heads, C // self.n_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+        x = x + self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab: int, seq_len: int, dim: int, n_layers: int, n_heads: int):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.wpe = nn.Embedding(seq_len, dim)
+        self.blocks = nn.ModuleList(GPTBlock(dim, n_heads) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying, as GPT-2
+        for name, p in self.named_parameters():
+            if name.endswith("weight") and p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * n_layers) if name.endswith("proj.weight") else 0.02
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, vocab)
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def nanogpt(args: TransformerModelArgs):
+    torch.manual_seed(0)
+    model = GPT(args.vocab_size, args.seq_len, args.dim, args.n_layers, args.n_heads).train()
+    return logits_then_loss_step(model, model)
 
 
 def random_batch(vocab: int, batch: int, seq: int) -> dict:
@@ -152,41 +208,57 @@ def loop_overhead(steps: int) -> tuple[float, str]:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="lmtrain bench train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=5, help="alternating rounds per implementation")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per contender and round")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds")
     p.add_argument("--overhead-steps", type=int, default=12, help="steps of the real loop for the overhead")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's default)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     args = TransformerModelArgs(**SHAPES, seq_len=SEQ)
     batch = random_batch(args.vocab_size, BATCH, SEQ)
-    impls = {"lmtrain": ours(args), "hf": hf(args)}
-    for step in impls.values():  # warm-up: allocation, first-call overheads
-        step(batch)
-    rates: dict[str, list[float]] = {name: [] for name in impls}
-    for _ in range(a.rounds):
-        for name, step in impls.items():
-            rates[name].append(tokens_per_s(step, batch, a.steps))
-    med = {name: statistics.median(r) for name, r in rates.items()}
+    impls = {"lmtrain": ours(args), "hf": hf(args), "nanogpt": nanogpt(args)}
+
+    def contender(step):
+        def run():
+            for _ in range(a.steps):
+                step(batch)
+            return batch["input_ids"].numel() * a.steps
+
+        return run
+
     print(
         f"threads {torch.get_num_threads()}, batch {BATCH} x {SEQ}, fp32, {a.rounds} rounds x {a.steps} steps"
     )
-    print(f"{'implementation':<16}{'median tokens/s':>16}{'rounds':>40}")
-    for name in impls:
-        print(f"{name:<16}{med[name]:>16.0f}{'  '.join(f'{r:.0f}' for r in rates[name]):>40}")
+    result = compare({name: contender(step) for name, step in impls.items()}, rounds=a.rounds, unit="token")
+    result.print_table("training step tokens/s", baseline="lmtrain")
 
+    # MFU as a per-round ratio: the dim-512 step's FLOP/s over a 1024^3 fp32 matmul's, timed alternately.
     big = TransformerModelArgs(**{**SHAPES, "dim": 512, "n_heads": 8, "n_kv_heads": 4}, seq_len=SEQ)
-    big_step = ours(big)
-    small_batch = random_batch(big.vocab_size, 4, SEQ)
-    big_step(small_batch)
-    big_tps = tokens_per_s(big_step, small_batch, a.steps)
-    peak = measure_peak_tflops(torch.device("cpu"), torch.float32, size=1024, seconds=1.0)
+    big_step, small_batch = ours(big), random_batch(big.vocab_size, 4, SEQ)
     fpt = model_flops_per_token(big, SEQ)
+    x, y = torch.randn(1024, 1024), torch.randn(1024, 1024)
+
+    def matmuls():
+        for _ in range(20):
+            torch.matmul(x, y)
+        return 20 * 2.0 * 1024**3
+
+    def big_steps():
+        for _ in range(a.steps):
+            big_step(small_batch)
+        return small_batch["input_ids"].numel() * a.steps * fpt
+
+    flops = compare({"matmul": matmuls, "dim-512 step": big_steps}, rounds=a.rounds, unit="FLOP")
+    med, lo, hi = flops.ratio("dim-512 step", "matmul")
     print(
-        f"dim-512 model: {big_tps:.0f} tokens/s x {fpt / 1e6:.1f} MFLOP/token = "
-        f"{big_tps * fpt / 1e9:.2f} GFLOP/s; measured fp32 matmul peak {peak * 1e3:.1f} GFLOP/s; "
-        f"MFU {100 * mfu(fpt, big_tps, peak):.1f}%"
+        f"dim-512 model: {flops.median_rate('dim-512 step') / 1e9:.2f} GFLOP/s ({fpt / 1e6:.1f} MFLOP/token); "
+        f"fp32 1024^3 matmul {flops.median_rate('matmul') / 1e9:.2f} GFLOP/s; "
+        f"MFU against it {100 * med:.1f}% (rounds {100 * lo:.1f}..{100 * hi:.1f}%)"
     )
     overhead, dataset = loop_overhead(a.overhead_steps)
     print(f"loop overhead outside forward/backward/optimizer (train() on {dataset}): {100 * overhead:.2f}%")
-    print(f"lmtrain/hf train tokens/s ratio: {med['lmtrain'] / med['hf']:.2f}")
+    print(result.headline("lmtrain", "hf", "lmtrain/hf train tokens/s ratio"))
+    print(result.headline("lmtrain", "nanogpt", "lmtrain/nanogpt train tokens/s ratio"))
     return 0

@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("lmtrain.data.prepare:main", "build a corpus (parquet + tokenizer) from local files"),
     "data": ("lmtrain.data.cli:main", "inspect datasets: `data stats`, `data show`"),
     "params": ("lmtrain.accounting:main", "parameter count, FLOPs per token and memory of a model"),
+    "predict": ("lmtrain.roofline:main", "roofline bound of a training step per op class on a GPU"),
     "generate": ("lmtrain.generate:main", "generate text from a run's latest checkpoint"),
     "export-hf": ("lmtrain.export_hf:main", "export a run as a transformers LlamaForCausalLM checkpoint"),
     "tokenizer": ("lmtrain.tokenizer.cli:main", "byte-level BPE: `tokenizer train|encode|decode`"),

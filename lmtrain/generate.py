@@ -11,12 +11,14 @@ either way; `bench/generate.py` measures the speedup.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from lmtrain.errors import UserError
 from lmtrain.model import Transformer, TransformerModelArgs, clean_state_dict_keys
@@ -59,6 +61,40 @@ def sample_next(
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)  # (B, V)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decode-time weight layout
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def decode_layout(model: nn.Module):
+    """On CPU, store every linear weight column-major while decoding; restore row-major afterwards.
+
+    A single-token step multiplies one row vector by each weight. With the weight in nn.Linear's
+    (out, in) row-major layout, CPU BLAS runs that product at a fraction of memory bandwidth; with the
+    same (out, in) tensor stored column-major (the transpose contiguous: `w.t().contiguous().t()`),
+    F.linear reads it in the order the product needs. Measured on one thread, the tiny preset's
+    32000 x 256 output head: 3.3 ms -> 1.5 ms per token; the 768 x 256 FFN weights 40 -> 26 us.
+    Values and shapes are unchanged and the storage is swapped in place (one matrix extra at a time,
+    not a second copy of the model), so the logits differ only by summation order. On GPUs the
+    layout is left as it is: cuBLAS has kernels for both operand orders, and no GPU measurement here
+    says that a copy would pay.
+    """
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears or linears[0].weight.device.type != "cpu":
+        yield model
+        return
+    with torch.no_grad():
+        for m in linears:
+            m.weight.data = m.weight.data.t().contiguous().t()  # same (out, in) tensor, column-major
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for m in linears:
+                m.weight.data = m.weight.data.contiguous()  # back to row-major for training
 
 
 @torch.no_grad()
@@ -135,11 +171,12 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        steps = list(
-            generate_stream(
-                model, ids, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator
+        with decode_layout(model):
+            steps = list(
+                generate_stream(
+                    model, ids, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator
+                )
             )
-        )
     finally:
         model.train(was_training)
     new = torch.stack([t for t, _ in steps], dim=1) if steps else ids[:, :0]  # (B, n)
@@ -294,20 +331,21 @@ def main(argv: list[str]) -> int:
     print(f"# {path.name} (step {ckpt.get('step', '?')})", file=sys.stderr)
     generator = torch.Generator().manual_seed(opts.seed)
     ids = torch.tensor([prompt])
+    stream = generate_stream(
+        model, ids, opts.max_new_tokens, opts.temperature, opts.top_k, opts.top_p, ends, not opts.no_cache,
+        generator,
+    )  # fmt: skip
+    with decode_layout(model):
+        _print_stream(stream, tok, ends, opts.prompt)
+    return 0
+
+
+def _print_stream(stream, tok, ends: list[int], prompt: str) -> None:
+    """Print the new text as it arrives, holding back incomplete UTF-8 characters."""
     new: list[int] = []
     shown = ""
-    sys.stdout.write(opts.prompt)
-    for nxt, _ in generate_stream(
-        model,
-        ids,
-        opts.max_new_tokens,
-        opts.temperature,
-        opts.top_k,
-        opts.top_p,
-        ends,
-        not opts.no_cache,
-        generator,
-    ):
+    sys.stdout.write(prompt)
+    for nxt, _ in stream:
         token = int(nxt[0])
         if token in ends:
             break
@@ -319,4 +357,3 @@ def main(argv: list[str]) -> int:
         sys.stdout.flush()
         shown = text
     sys.stdout.write(tok.decode(new, skip_special_tokens=True)[len(shown) :] + "\n")
-    return 0

@@ -213,3 +213,65 @@ def test_cli_falls_back_past_an_unreadable_newest_checkpoint_and_takes_step(tmp_
     (run / "checkpoints" / "step-00000005.pt").write_bytes(b"")
     with pytest.raises(UserError, match="none of the 2 checkpoints"):
         main(argv)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decode-time weight layout and the decoding benchmark's contenders
+# --------------------------------------------------------------------------------------------------
+
+
+def test_decode_layout_is_column_major_inside_and_row_major_after():
+    from lmtrain.generate import decode_layout
+
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [p for _, p in model.named_parameters()]
+    with decode_layout(model):
+        w = model.output.weight
+        assert w.shape == (61, 64) and w.stride() == (1, 61)  # (out, in) stored as its transpose
+        w1 = model.layers[0].feed_forward.w1.weight
+        assert w1.stride() == (1, w1.shape[0])
+        assert torch.equal(w, before["output.weight"])
+    after = model.state_dict()
+    assert all(after[k].is_contiguous() and torch.equal(after[k], before[k]) for k in before)
+    assert [p for _, p in model.named_parameters()] == params  # the same Parameter objects
+
+
+def test_decode_layout_is_restored_when_decoding_fails():
+    from lmtrain.generate import decode_layout
+
+    model = make_model()
+    with pytest.raises(RuntimeError, match="stop"), decode_layout(model):
+        raise RuntimeError("stop")
+    assert model.output.weight.is_contiguous()
+
+
+def _bench_generate():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_greedy_tokens_identical_for_lmtrain_minimal_loop_and_transformers():
+    pytest.importorskip("transformers")
+    bench = _bench_generate()
+    model = make_model(seq_len=64)
+    prompt = torch.randint(0, 61, (1, 9), generator=torch.Generator().manual_seed(3))
+    outputs = {name: decode(prompt, 40) for name, decode in bench.decoders(model).items()}
+    assert set(outputs) == {"lmtrain cached", "lmtrain recompute", "minimal loop", "transformers"}
+    reference = outputs["lmtrain cached"]
+    assert reference.shape == (1, 49) and len(set(reference[0, 9:].tolist())) > 1
+    for name, out in outputs.items():
+        assert bench.first_difference(reference, out) is None, name
+
+
+def test_first_difference_finds_the_first_differing_position():
+    bench = _bench_generate()
+    a = torch.tensor([[1, 2, 3, 4]])
+    assert bench.first_difference(a, a.clone()) is None
+    assert bench.first_difference(a, torch.tensor([[1, 2, 9, 4]])) == 2
+    assert bench.first_difference(a, torch.tensor([[1, 2, 3]])) == 3

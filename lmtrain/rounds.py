@@ -1,0 +1,200 @@
+"""Benchmark contenders in alternating rounds, so that a shared machine's load hits all of them alike.
+
+    from lmtrain.rounds import compare
+    result = compare({"recompute": recompute, "cached": cached}, rounds=5, unit="tokens")
+    result.print_table("decode, 512 new tokens")
+    print(result.headline("cached", "recompute", "kv-cache speedup"))
+
+Each contender is a callable that does one unit-counted piece of work and returns how many units it
+did (tokens, bytes, batches). A round runs every contender once, in turn; the order rotates from round
+to round (A B C, B C A, C A B, ...) so that none always runs first, into a cold cache, or last, as the
+machine gets busier. Timing one contender's whole run and then the other's lets a load change between
+the two phases decide the ratio; within one round both see nearly the same machine, so the per-round
+ratio is what is reported: its median, and its spread (min..max over the rounds).
+
+Beside wall time, the process's CPU time (user + sys of all its threads) per unit of work: on a loaded
+machine the wall time of a contender grows while its CPU time per unit stays nearly put, so the CPU-time
+ratio is the steadier of the two (but it says nothing about how well a contender uses several cores).
+A warning is printed when the load average exceeds the cores this process may run on.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask; the machine's count where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def load_average() -> tuple[float, float, float] | None:
+    try:
+        return os.getloadavg()
+    except (AttributeError, OSError):  # Windows
+        return None
+
+
+def load_warning(load: tuple[float, float, float] | None = None, cores: int | None = None) -> str | None:
+    """A one-line warning when the 1-minute load average exceeds the usable cores, else None."""
+    load = load_average() if load is None else load
+    cores = usable_cores() if cores is None else cores
+    if load is None or load[0] <= cores:
+        return None
+    return (
+        f"warning: load average {load[0]:.2f} exceeds the {cores} usable cores: other processes compete "
+        "for the CPU, so wall times are inflated; compare the per-round ratios and the CPU-time ratio"
+    )
+
+
+@dataclass
+class Sample:
+    """One run of one contender."""
+
+    wall_s: float
+    cpu_s: float  # process user + sys over the run
+    units: float
+
+    @property
+    def rate(self) -> float:
+        return self.units / self.wall_s
+
+    @property
+    def cpu_per_unit(self) -> float:
+        return self.cpu_s / self.units
+
+
+@dataclass
+class RoundsResult:
+    unit: str
+    order: list[str]
+    samples: dict[str, list[Sample]]  # contender -> one Sample per round, in round order
+    load_before: tuple[float, float, float] | None = None
+    load_after: tuple[float, float, float] | None = None
+    cores: int = field(default_factory=usable_cores)
+
+    def median_rate(self, name: str) -> float:
+        return statistics.median(s.rate for s in self.samples[name])
+
+    def median_cpu_per_unit(self, name: str) -> float:
+        return statistics.median(s.cpu_per_unit for s in self.samples[name])
+
+    def round_ratios(self, name: str, baseline: str) -> list[float]:
+        """Rate of `name` over rate of `baseline`, round by round (both measured in the same round)."""
+        return [a.rate / b.rate for a, b in zip(self.samples[name], self.samples[baseline], strict=True)]
+
+    def ratio(self, name: str, baseline: str) -> tuple[float, float, float]:
+        """(median, min, max) of the per-round ratio of `name` over `baseline`."""
+        ratios = self.round_ratios(name, baseline)
+        return statistics.median(ratios), min(ratios), max(ratios)
+
+    def cpu_ratio(self, name: str, baseline: str) -> float:
+        """How many times less CPU time per unit `name` needs than `baseline` (medians over rounds)."""
+        return self.median_cpu_per_unit(baseline) / self.median_cpu_per_unit(name)
+
+    def headline(self, name: str, baseline: str, label: str) -> str:
+        """`label: R (rounds a..b, CPU-time ratio c)`: the line a benchmark ends with."""
+        med, lo, hi = self.ratio(name, baseline)
+        return f"{label}: {med:.2f} (rounds {lo:.2f}..{hi:.2f}, CPU-time ratio {self.cpu_ratio(name, baseline):.2f})"
+
+    def load_line(self) -> str:
+        def fmt(load):
+            return "n/a" if load is None else " ".join(f"{x:.2f}" for x in load)
+
+        return (
+            f"load average (1/5/15 min) before {fmt(self.load_before)}, after {fmt(self.load_after)}; "
+            f"{self.cores} usable cores; {len(next(iter(self.samples.values())))} rounds, order rotating"
+        )
+
+    def print_table(self, title: str, baseline: str | None = None, file=None) -> None:
+        """A rich table: median rate, spread over rounds, CPU s per unit, ratios against `baseline`."""
+        from rich.console import Console
+        from rich.table import Table
+
+        baseline = baseline or self.order[0]
+        table = Table(title=f"{title} (ratios: against {baseline}, median and spread over rounds)")
+        for col in (
+            "contender", f"median {self.unit}/s", "rounds min..max", f"CPU ms/{self.unit}",
+            "ratio", "ratio min..max", "CPU-time ratio",
+        ):  # fmt: skip
+            table.add_column(
+                col, justify="left" if col == "contender" else "right", no_wrap=col == "contender"
+            )
+        for name in self.order:
+            rates = [s.rate for s in self.samples[name]]
+            med, lo, hi = self.ratio(name, baseline)
+            table.add_row(
+                name,
+                _si(self.median_rate(name)),
+                f"{_si(min(rates))}..{_si(max(rates))}",
+                f"{1e3 * self.median_cpu_per_unit(name):.3g}",
+                f"{med:.2f}",
+                f"{lo:.2f}..{hi:.2f}",
+                f"{self.cpu_ratio(name, baseline):.2f}",
+            )
+        Console(file=file or sys.stdout, width=120).print(table)
+        print(self.load_line(), file=file or sys.stdout)
+
+
+def _si(x: float) -> str:
+    """1234567 -> '1.23 M': rates of bytes or tokens stay readable in a narrow column."""
+    for scale, prefix in ((1e12, " T"), (1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{prefix}"
+    return f"{x:.3g}"
+
+
+def rotated(order: list[str], round_index: int) -> list[str]:
+    """The contenders' order in round `round_index`: rotated by one place per round."""
+    k = round_index % len(order)
+    return order[k:] + order[:k]
+
+
+def compare(
+    contenders: Mapping[str, Callable[[], float]],
+    rounds: int = 5,
+    unit: str = "units",
+    warmup: int = 1,
+    sync: Callable[[], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    cpu_clock: Callable[[], float] = time.process_time,
+    warn: Callable[[str], None] | None = None,
+) -> RoundsResult:
+    """Run every contender `warmup` times (untimed), then `rounds` rounds in rotating order.
+
+    `sync` (e.g. torch.cuda.synchronize) runs before each clock reading so that queued GPU work is
+    counted in the contender that queued it. `warn` receives the load warning (default: stderr).
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if not contenders:
+        raise ValueError("no contenders to compare")
+    order = list(contenders)
+    sync = sync or (lambda: None)
+    for _ in range(warmup):
+        for name in order:
+            contenders[name]()
+    before = load_average()
+    message = load_warning(before)
+    if message:
+        (warn or (lambda m: print(m, file=sys.stderr)))(message)
+    samples: dict[str, list[Sample]] = {name: [] for name in order}
+    for r in range(rounds):
+        for name in rotated(order, r):
+            sync()
+            wall0, cpu0 = clock(), cpu_clock()
+            units = contenders[name]()
+            sync()
+            wall, cpu = clock() - wall0, cpu_clock() - cpu0
+            if not units or units <= 0:
+                raise ValueError(f"contender {name!r} reported {units!r} units of work; expected > 0")
+            samples[name].append(Sample(max(wall, 1e-9), max(cpu, 1e-9), float(units)))
+    return RoundsResult(unit, order, samples, before, load_average())
