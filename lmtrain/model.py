@@ -273,7 +273,7 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     xf = x if x.dtype == torch.float32 else x.float()  # no op at all in fp32: decoding counts ops
     pairs = xf.unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
     if not torch.compiler.is_compiling():
-        rotation = torch.complex(cos, sin)[:, None]  # (T, 1, hd/2): broadcast over batch and heads
+        rotation = torch.complex(cos.float(), sin.float())[:, None]  # (T, 1, hd/2): over batch and heads
         rotated = torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2)  # (B, T, H, hd)
         return rotated if rotated.dtype == x.dtype else rotated.type_as(x)
     cos = cos[None, :, None, :]  # (1, T, 1, hd/2): broadcast over batch and heads
