@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lmtrain.arguments import params_overrides, params_parser
 from lmtrain.config import ModelConfig
 from lmtrain.errors import UserError
 from lmtrain.model import PRESETS, Transformer, TransformerModelArgs, model_args_from_config
@@ -119,32 +120,9 @@ def memory_estimate(args: TransformerModelArgs, seq_len: int) -> dict[str, dict[
 # Command line
 # --------------------------------------------------------------------------------------------------
 
-_OVERRIDES = [f for f in dataclasses.fields(ModelConfig) if f.name not in ("preset", "vocab_size", "seq_len")]
-
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lmtrain params",
-        description="Exact parameter count, training FLOPs per token and memory estimate of a model.",
-        allow_abbrev=False,
-    )
-    parser.add_argument("--preset", default="llama3-8b", help=f"one of: {', '.join(PRESETS)}")
-    parser.add_argument("--vocab-size", type=int, default=128256, help="vocabulary size (default: 128256)")
-    parser.add_argument("--seq-len", type=int, default=2048, help="sequence length T (default: 2048)")
-    parser.add_argument("--list", action="store_true", help="list the presets and exit")
-    for f in _OVERRIDES:
-        kind = {"multiple_of": int, "ffn_dim_multiplier": float, "norm_eps": float, "rope_theta": float}
-        flag = "--" + f.name.replace("_", "-")
-        if f.name in ("norm", "mlp", "pos"):
-            choices = {
-                "norm": ("rmsnorm", "layernorm"),
-                "mlp": ("swiglu", "gelu"),
-                "pos": ("rope", "learned"),
-            }
-            parser.add_argument(flag, choices=choices[f.name], help="override the preset")
-        else:
-            parser.add_argument(flag, type=kind.get(f.name, int), help="override the preset")
-    return parser
+    return params_parser()
 
 
 def _fmt_count(n: float) -> str:
@@ -195,7 +173,9 @@ def main(argv: list[str]) -> int:
     if opts.list:
         _list_presets(console)
         return 0
-    overrides = {f.name: getattr(opts, f.name) for f in _OVERRIDES if getattr(opts, f.name) is not None}
+    overrides = {
+        f.name: getattr(opts, f.name) for f in params_overrides() if getattr(opts, f.name) is not None
+    }
     for flag in ("vocab_size", "seq_len"):
         if getattr(opts, flag) < 1:
             raise UserError(

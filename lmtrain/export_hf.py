@@ -15,7 +15,6 @@ convention into the other exactly; v, wo and everything else map unchanged.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
@@ -139,17 +138,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", fo
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lmtrain export-hf",
-        description="Export a run's latest checkpoint as a transformers LlamaForCausalLM directory.",
-        allow_abbrev=False,
-    )
-    parser.add_argument("--run", required=True, help="run directory (with checkpoints/ and tokenizer/)")
-    parser.add_argument("--out", required=True, help="output directory (created)")
-    parser.add_argument(
-        "--dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of the saved weights"
-    )
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
+    from lmtrain.arguments import export_hf_parser
+
+    parser = export_hf_parser()
     opts = parser.parse_args(argv)
     if not Path(opts.run).is_dir():
         raise UserError(f"--run {opts.run}: no such directory")

@@ -39,13 +39,11 @@ _DEVICES: dict[str, tuple[str, str, float]] = {
 
 
 def _build() -> dict[str, DevicePeaks]:
-    import torch
-
     from lmtrain.metrics import table_peak_tflops
 
     out = {}
     for key, (label, lookup, bandwidth) in _DEVICES.items():
-        tflops = table_peak_tflops(lookup, torch.bfloat16)
+        tflops = table_peak_tflops(lookup, "bf16")
         assert tflops is not None, f"lmtrain.metrics.PEAK_TFLOPS has no bf16 peak for {lookup}"
         out[key] = DevicePeaks(key, label, tflops, bandwidth)
     return out

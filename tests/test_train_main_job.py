@@ -62,7 +62,10 @@ def test_main_job_end_to_end_on_a_small_corpus(tmp_path, capsys, one_thread):
     assert summary["unigram_entropy"] < summary["initial_train_loss"]  # a fresh model is near uniform
     assert summary["final_train_loss"] < summary["initial_train_loss"]
     assert summary["final_train_loss_avg20"] < summary["initial_train_loss"]
-    assert "mean of the last 20 steps" in printed
+    assert summary["final_train_loss_avg_steps"] == 12
+    assert "mean of the last 12 steps" in printed  # the N it used, not the 20 it would use
+    assert f"final val loss       {summary['final_val_loss']:.3f}" in printed
+    assert "nats below the unigram entropy" in printed and "whole job" in printed
     assert f"unigram entropy      {summary['unigram_entropy']:.3f}" in printed
     assert summary["final_val_loss"] is not None
 

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from lmtrain.data.sources import current_umask, write_token_file
 from lmtrain.data.tokenizers import BOS, SPECIAL_TOKENS, hf_byte_level_bpe, load_tokenizer
 from lmtrain.errors import UserError
+from lmtrain.log import Ticker
 
 ROWS_PER_GROUP = 1024
 MAX_REPORTED_LINES = 5
@@ -372,6 +373,7 @@ def _build(args, docs, stats: SourceStats, tmp: Path, recorded: dict, progress, 
     show = sys.stderr.isatty() if progress is None else progress
     bar = _progress(show)
     start = time.perf_counter()
+    ticker = Ticker()  # without a terminal: a line every few seconds instead of the bar
     try:
         if bar is not None:
             bar.start()
@@ -388,6 +390,10 @@ def _build(args, docs, stats: SourceStats, tmp: Path, recorded: dict, progress, 
             if bar is not None and stats.documents % 16 == 0:
                 mb = stats.bytes / 1e6
                 bar.update(task, completed=stats.documents, mb=mb, rate=mb / (time.perf_counter() - start))
+            elif bar is None and ticker.due():
+                say(
+                    f"prepare: read {stats.documents:,} documents, {stats.bytes / 1e6:.1f} MB ({ticker.elapsed():.0f} s)"
+                )
             if args.max_documents is not None and stats.documents >= args.max_documents:
                 break
     finally:
@@ -409,8 +415,16 @@ def _build(args, docs, stats: SourceStats, tmp: Path, recorded: dict, progress, 
         counts = {"train": counts["train"] - 1, "val": 1}
     if counts["val"] == 0:
         (tmp / "val.parquet").unlink()
+    say(
+        f"prepare: read {stats.documents:,} documents, {stats.bytes / 1e6:.1f} MB in {ticker.elapsed():.1f} s"
+    )
+    if args.tokenizer.startswith("bpe:"):
+        say(f"prepare: training the {args.tokenizer} tokenizer ({args.bpe_impl}) on the train split ...")
+    t_tok = time.perf_counter()
     tokenizer = build_tokenizer(args.tokenizer, tmp / "train.parquet", args.bpe_impl, tmp)
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    if args.tokenizer.startswith("bpe:"):
+        say(f"prepare: tokenizer trained in {time.perf_counter() - t_tok:.1f} s")
     for leftover in ("bpe.json",):
         (tmp / leftover).unlink(missing_ok=True)
     info = {
@@ -425,12 +439,22 @@ def _build(args, docs, stats: SourceStats, tmp: Path, recorded: dict, progress, 
         info["tokens"] = {}
         for split in ("train", "val"):
             if counts[split]:
+                t_split = time.perf_counter()
+                say(f"prepare: tokenizing the {split} split ({counts[split]:,} documents) ...")
                 meta = write_token_file(
                     tmp / split, tokenize_split(tmp / f"{split}.parquet", tokenizer), len(tokenizer)
                 )
                 info["tokens"][split] = meta["num_tokens"]
+                say(
+                    f"prepare: {split}: {meta['num_tokens']:,} tokens in {time.perf_counter() - t_split:.1f} s"
+                )
     (tmp / "prepare.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def say(line: str) -> None:
+    """A progress line on stderr, flushed at once (stdout carries the result)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
