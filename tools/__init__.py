@@ -1,1 +1,1 @@
-"""Command-line analysis tools: `tools/NAME.py ARGS` from the repository root (also importable for tests)."""
+"""Command-line analysis tools, run as `lmtrain gemm-report|compare-runs|plot-loss|ablation-report` (also importable)."""

@@ -1,5 +1,4 @@
-#!/usr/bin/env python3
-"""tools/nsys_gemm_report.py trace.sqlite [--run RUN_DIR | --model-config YAML] [--gpu gh200] [--markdown out.md]
+"""lmtrain gemm-report trace.sqlite [--run RUN_DIR | --model-config YAML] [--gpu gh200] [--markdown out.md]
 
 GEMM roofline report of an Nsight Systems SQLite export (`nsys export --type sqlite trace.nsys-rep`).
 
@@ -342,7 +341,7 @@ def nvtx_csv(report: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="tools/nsys_gemm_report.py",
+        prog="lmtrain gemm-report",
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
