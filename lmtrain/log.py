@@ -242,3 +242,43 @@ def make_metric_logger(
         except ImportError:
             logger.warning("logging.wandb is set but the wandb package is not installed; skipping it")
     return MetricLogger(sinks)
+
+
+class LineProgress:
+    """The part of rich's `Progress` that long loops use (context manager, `add_task`, `advance`,
+    `update`), printed as a plain line on stderr when the work starts, every `every` seconds while it
+    runs, and when it ends: the progress display where there is no terminal."""
+
+    def __init__(self, description: str, every: float = 5.0):
+        self.description = description
+        self.every = every
+        self.done: dict[int, float] = {}
+        self.total: dict[int, float | None] = {}
+        self.ticker = Ticker(every)
+
+    def __enter__(self) -> LineProgress:
+        self._say("started")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self._say(f"done in {self.ticker.elapsed():.1f} s")
+
+    def add_task(self, _name: str = "", total: float | None = None, **_fields) -> int:
+        task = len(self.done)
+        self.done[task], self.total[task] = 0, total
+        return task
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        self.update(task, completed=self.done[task] + advance)
+
+    def update(self, task: int, completed: float | None = None, **_fields) -> None:
+        if completed is not None:
+            self.done[task] = completed
+        if self.ticker.due():
+            total = self.total[task]
+            of = f"/{total:,.0f}" if total else ""
+            self._say(f"{self.done[task]:,.0f}{of} ({self.ticker.elapsed():.0f} s)")
+
+    def _say(self, text: str) -> None:
+        print(f"{self.description}: {text}", file=sys.stderr, flush=True)

@@ -136,3 +136,15 @@ def test_step_line_is_one_line_with_rounded_numbers_and_flags_mfu_above_100():
         == "step 10/300 | loss 4.7081 | lr 3.00e-03 | grad norm 1.23 | 85.3 ms/step | 24,012 tok/s | MFU 12.34%"
     )
     assert "above 100%" in step_line(10, 300, {**metrics_, "mfu": 1.0282})
+
+
+def test_line_progress_prints_start_paced_progress_and_end(capsys, monkeypatch):
+    from lmtrain.log import LineProgress
+
+    with LineProgress("bpe merging", every=0.0) as progress:  # every 0 s: a line per update
+        task = progress.add_task("merge", total=3)
+        for _ in range(3):
+            progress.advance(task)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "bpe merging: started" and lines[-1].startswith("bpe merging: done in ")
+    assert [line.split(" (")[0] for line in lines[1:-1]] == [f"bpe merging: {n}/3" for n in (1, 2, 3)]
