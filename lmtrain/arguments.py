@@ -12,13 +12,19 @@ import argparse
 import dataclasses
 
 
+class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except the non-values (None, False, '') that say "not set"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def _new(prog: str, description: str) -> argparse.ArgumentParser:
     """A parser whose --help shows every default."""
     return argparse.ArgumentParser(
-        prog=prog,
-        description=description,
-        allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=prog, description=description, allow_abbrev=False, formatter_class=ShowDefaults
     )
 
 
@@ -64,7 +70,7 @@ def params_parser(prog: str = "lmtrain params") -> argparse.ArgumentParser:
     for f in params_overrides():
         flag = "--" + f.name.replace("_", "-")
         if f.name in PARAMS_CHOICES:
-            p.add_argument(flag, choices=PARAMS_CHOICES[f.name], help="override the preset")
+            p.add_argument(flag, choices=PARAMS_CHOICES[f.name], help="override the preset's value")
         else:
-            p.add_argument(flag, type=PARAMS_TYPES.get(f.name, int), help="override the preset")
+            p.add_argument(flag, type=PARAMS_TYPES.get(f.name, int), help="override the preset's value")
     return p

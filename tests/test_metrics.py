@@ -138,7 +138,7 @@ def test_step_line_is_one_line_with_rounded_numbers_and_flags_mfu_above_100():
     assert "above 100%" in step_line(10, 300, {**metrics_, "mfu": 1.0282})
 
 
-def test_line_progress_prints_start_paced_progress_and_end(capsys, monkeypatch):
+def test_line_progress_prints_start_paced_progress_and_end(capsys):
     from lmtrain.log import LineProgress
 
     with LineProgress("bpe merging", every=0.0) as progress:  # every 0 s: a line per update

@@ -100,12 +100,14 @@ def cmd_show(args) -> int:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="lmtrain data", description=__doc__.split("\n\n")[0])
-    defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
+    from lmtrain.arguments import ShowDefaults
+
+    defaults = {"formatter_class": ShowDefaults}
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_text in (("stats", "padding and ignored tokens per batch"), ("show", "decode one sample")):
         s = sub.add_parser(name, help=help_text, description=help_text, **defaults)
         s.add_argument("--dataset", required=True, help="prepared directory, parquet, JSONL or .tokens.bin")
-        s.add_argument("--tokenizer", default="", help="empty: the one saved beside the dataset")
+        s.add_argument("--tokenizer", default="", help="default: the one saved beside the dataset")
         s.add_argument("--sequence-length", type=int, default=4096, help="tokens per sample (T)")
     stats = sub.choices["stats"]
     stats.add_argument("--batch-size", type=int, default=32, help="samples per batch (B)")
