@@ -257,9 +257,19 @@ def build_tokenizer(spec: str, train_parquet: Path, impl: str, workdir: Path):
     from transformers import PreTrainedTokenizerFast
 
     core, trainer = hf_byte_level_bpe(vocab_size, SPECIAL_TOKENS)
-    core.train_from_iterator(parquet_texts(train_parquet), trainer)
+    core.train_from_iterator(_counted(parquet_texts(train_parquet), "counting words of"), trainer)
     _prepend_bos(core, core.token_to_id(BOS))
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token="</s>", pad_token="<pad>")
+
+
+def _counted(texts: Iterator[str], doing: str) -> Iterator[str]:
+    """`texts`, with a progress line every few seconds and one when they run out (the merges follow)."""
+    ticker, n = Ticker(), 0
+    for n, text in enumerate(texts, 1):
+        if ticker.due():
+            say(f"prepare: tokenizer: {doing} {n:,} documents ({ticker.elapsed():.0f} s)")
+        yield text
+    say(f"prepare: tokenizer: {n:,} documents read in {ticker.elapsed():.1f} s; computing the merges ...")
 
 
 def _prepend_bos(core, bos_id: int) -> None:
@@ -271,13 +281,18 @@ def _prepend_bos(core, bos_id: int) -> None:
     )
 
 
-def tokenize_split(parquet: Path, tokenizer, batch_docs: int = 256) -> Iterator:
+def tokenize_split(parquet: Path, tokenizer, batch_docs: int = 256, label: str = "") -> Iterator:
+    """Token ids per document; with a `label`, a progress line every few seconds."""
     texts: list[str] = []
+    ticker, done = Ticker(), 0
     for text in parquet_texts(parquet):
         texts.append(text)
         if len(texts) == batch_docs:
             yield from tokenizer(texts, add_special_tokens=False)["input_ids"]
+            done += len(texts)
             texts = []
+            if label and ticker.due():
+                say(f"prepare: {label}: {done:,} documents tokenized ({ticker.elapsed():.0f} s)")
     if texts:
         yield from tokenizer(texts, add_special_tokens=False)["input_ids"]
 
@@ -442,7 +457,9 @@ def _build(args, docs, stats: SourceStats, tmp: Path, recorded: dict, progress, 
                 t_split = time.perf_counter()
                 say(f"prepare: tokenizing the {split} split ({counts[split]:,} documents) ...")
                 meta = write_token_file(
-                    tmp / split, tokenize_split(tmp / f"{split}.parquet", tokenizer), len(tokenizer)
+                    tmp / split,
+                    tokenize_split(tmp / f"{split}.parquet", tokenizer, label=split),
+                    len(tokenizer),
                 )
                 info["tokens"][split] = meta["num_tokens"]
                 say(
