@@ -86,6 +86,8 @@ def closing_lines(summary: dict, entropy: float, vocab_size: int, job_seconds: f
     mfu = (
         f"MFU {100 * summary['mfu']:.1f}% of {summary['peak_tflops']:.3g} TFLOP/s ({summary['peak_source']})"
     )
+    if summary["mfu"] > 1:
+        mfu += " - above 100%: the peak was measured on a busy machine; see lmtrain.metrics to measure again"
     return [
         f"run directory        {summary['run_dir']}",
         f"steps                {summary['steps']} ({summary['exit_reason']})",

@@ -136,3 +136,17 @@ def test_train_log_is_the_same_with_and_without_a_terminal(tmp_path, stdlib_corp
     # Without a terminal, console lines are never wrapped: each step line is whole on one line.
     printed_steps = [line for line in piped.splitlines() if re.search(r"step \d/8 \| loss", line)]
     assert len(printed_steps) == 4 and all(line.rstrip().endswith("%") for line in printed_steps)
+
+
+def test_closing_lines_round_say_the_n_and_flag_mfu_above_100():
+    from lmtrain.main_job import closing_lines
+
+    summary = {"run_dir": "runs/x", "steps": 10, "exit_reason": "completed", "initial_train_loss": 9.0123456,
+               "final_train_loss": 4.708076477050781, "final_train_loss_avg20": 4.81234, "final_train_loss_avg_steps": 10,
+               "final_val_loss": 5.1234, "tokens_per_s": 4014.2, "mfu": 1.0282, "peak_tflops": 0.0337,
+               "peak_source": "cached CPU peak: X | 2 threads | fp32", "wall_time_s": 95.4}  # fmt: skip
+    text = "\n".join(closing_lines(summary, 6.595, 8192, 130.2))
+    assert "final train loss     4.812 (mean of the last 10 steps; last step 4.708)" in text
+    assert "final val loss       5.123 (1.47 nats below the unigram entropy)" in text
+    assert "4.708076" not in text and "above 100%" in text
+    assert "training time        95 s; whole job 130 s" in text
