@@ -42,7 +42,9 @@ def slurm_problem() -> str | None:
         # sinfo explains itself in several lines; the last one says what failed in the end.
         lines = [line.strip() for line in out.stderr.splitlines() if line.strip()]
         why = lines[-1].removeprefix("sinfo: ") if lines else f"exit status {out.returncode}"
-        return f"no Slurm controller answers sinfo ({why}); start one with ../shared/slurm/start-local-slurm.sh"
+        return (
+            f"no Slurm controller answers sinfo ({why}); start one with ../shared/slurm/start-local-slurm.sh"
+        )
     return None
 
 
