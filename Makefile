@@ -11,9 +11,10 @@ endif
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lmtrain-installed
 TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-fast lint format train bench clean submit dry-run status logs cancel report ablation sweep resume
+.PHONY: help setup test test-fast lint format train bench clean submit dry-run status logs cancel report ablation sweep resume bench-list
 
 EXP ?= smoke
 CLUSTER ?= clariden
@@ -24,12 +25,25 @@ help:  ## list the targets
 $(PY):
 	python3 -m venv $(VENV)
 
+# torch comes first so that the `torch>=2.4` requirement is already met: a container's torch is kept
+# (clusters), a machine with a GPU gets the PyPI build (CUDA), and one without (no nvidia-smi) the CPU
+# build from PyTorch's CPU index instead of the multi-GB CUDA build. pip prints its progress (no -q):
+# the first set-up downloads a few hundred MB.
 $(STAMP): pyproject.toml | $(PY)
-	@# A container that already ships torch keeps it; elsewhere install the pinned CPU-capable wheel first
-	@# so that the `torch>=2.4` requirement does not pull a multi-GB CUDA build.
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q -e ".[test]"
+	@echo "== set-up 1/2: torch"
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+	  echo "torch $$($(PY) -c 'import torch; print(torch.__version__)') is already installed; keeping it"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+	  echo "nvidia-smi found: the CUDA build of torch $(TORCH_VERSION) from PyPI"; \
+	  $(PY) -m pip install --progress-bar off "torch==$(TORCH_VERSION)"; \
+	else \
+	  echo "no GPU (no nvidia-smi): the CPU build of torch $(TORCH_VERSION) from $(TORCH_CPU_INDEX)"; \
+	  $(PY) -m pip install --progress-bar off --index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)"; \
+	fi
+	@echo "== set-up 2/2: lmtrain and its requirements (editable, with the test extras)"
+	$(PY) -m pip install --progress-bar off -e ".[test]"
 	@touch $(STAMP)
+	@echo "== set-up done: run \`source $(VENV)/bin/activate\` to put lmtrain on PATH in this shell"
 
 setup: $(STAMP)  ## create the virtualenv and install lmtrain with its test extras
 
@@ -47,12 +61,15 @@ format: setup  ## apply ruff formatting and safe fixes
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-train: setup  ## the main job: build the embedded corpus, train the tiny preset on CPU, sample from it
+train: setup  ## the main job (< 5 min on 2 cores): build the corpus, train the tiny preset on CPU, sample
 	$(PY) -m lmtrain.main_job $(ARGS)
 
 bench: setup  ## run every benchmark (each prints a ratio against a baseline from the same run)
 	@for b in $$($(PY) -c "from lmtrain.bench import available; print(' '.join(available()))"); do \
 	  echo "== lmtrain bench $$b"; $(PY) -m lmtrain bench $$b || exit 1; done
+
+bench-list: setup  ## list the benchmarks (`lmtrain bench --help`)
+	@$(PY) -m lmtrain bench --help
 
 # The job targets run without echoing the command, so that lmtrain's own error line is the last line
 # before make's "Error 2".

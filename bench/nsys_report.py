@@ -1,5 +1,4 @@
-#!/usr/bin/env python3
-"""python bench/nsys_report.py [--kernels 1000000] [--sample 5000] [--nvtx-ranges 17000 --rounds 3]
+"""lmtrain bench nsys_report [--kernels 1000000] [--sample 5000] [--nvtx-ranges 17000 --rounds 3]
 
 Times the nsys GEMM report (SQL aggregation) on a synthetic export of about `--kernels` kernels (half of
 them GEMMs: forward ones under layers.N > FeedForward/wN > emit_nvtx op ranges, and twice as many

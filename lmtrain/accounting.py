@@ -18,22 +18,16 @@ All functions above the command line are pure and importable.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
-import typing
 from typing import Any
 
 import torch
 
 from lmtrain.config import ModelConfig
 from lmtrain.errors import UserError
-from lmtrain.losses import DEFAULT_CHUNK
 from lmtrain.memory import (
-    DEVICE_MEMORY_MIB,
-    PRECISIONS,
-    STRATEGIES,
     calibration_cases,
     calibration_table,
     device_memory_bytes,
@@ -176,116 +170,10 @@ def _fmt_duration(seconds: float) -> str:
 # Command line
 # --------------------------------------------------------------------------------------------------
 
-# The vocabulary a preset is usually trained with, when --vocab-size is not given.
-NATIVE_VOCAB = {"llama3-8b": 128256, "gpt2-small": 50257, "gpt2-medium": 50257, "gpt2-large": 50257,
-                "gpt2-xl": 50257}  # fmt: skip
-DEFAULT_VOCAB = 128256
+from lmtrain.arguments import DEFAULT_VOCAB, NATIVE_VOCAB, params_overrides  # noqa: E402
+from lmtrain.arguments import params_parser as _parser  # noqa: E402
 
-_OVERRIDES = [f for f in dataclasses.fields(ModelConfig) if f.name not in ("preset", "vocab_size", "seq_len")]
-
-
-def _bool(text: str) -> bool:
-    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return value
-
-
-def _override_type(f: dataclasses.Field) -> dict[str, Any]:
-    """argparse keywords for a ModelConfig field, from its annotation (Optional[int], Literal[...])."""
-    hint = typing.get_type_hints(ModelConfig)[f.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    inner = args[0]
-    if typing.get_origin(inner) is typing.Literal:
-        return dict(choices=typing.get_args(inner))
-    if inner is bool:
-        return dict(type=_bool, metavar="BOOL")
-    return dict(type=inner if inner in (int, float, str) else str)
-
-
-def _csv(kind):
-    def parse(text: str):
-        try:
-            values = [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
-        if not values:
-            raise argparse.ArgumentTypeError("expected at least one value")
-        return values
-
-    return parse
-
-
-class _DefaultsFormatter(argparse.HelpFormatter):
-    """Shows a flag's default after its help, unless there is none to show."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
-            text += " (default: %(default)s)"
-        return text
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lmtrain params",
-        description="Exact parameter count, training FLOPs per token (per matmul and per part), training "
-        "memory per GPU, the largest batch that fits a device, AdamW FLOPs and the wall-clock time of a "
-        "run. Give --presets or --sweep-seq for one table across model sizes or context lengths.",
-        formatter_class=_DefaultsFormatter,
-        allow_abbrev=False,
-    )
-    parser.add_argument("--preset", default="llama3-8b", help=f"one of: {', '.join(PRESETS)}")
-    parser.add_argument("--vocab-size", type=int, help="vocabulary size (default: the preset's own, "
-                        f"{', '.join(f'{k} {v}' for k, v in NATIVE_VOCAB.items())}; else {DEFAULT_VOCAB})")  # fmt: skip
-    parser.add_argument("--seq-len", type=int, default=2048, help="sequence length T")
-    parser.add_argument("--list", action="store_true", help="list the presets and exit")
-    g = parser.add_argument_group("tables across sizes or context lengths")
-    g.add_argument(
-        "--presets", type=_csv(str), help="comma-separated presets, e.g. gpt2-small,gpt2-xl,llama3-8b"
-    )
-    g.add_argument(
-        "--sweep-seq", type=_csv(int), help="comma-separated sequence lengths, e.g. 1024,4096,16384"
-    )
-    m = parser.add_argument_group("training memory")
-    m.add_argument("--batch-size", type=int, default=1, help="sequences per GPU (micro-batch)")
-    m.add_argument("--precision", default="bf16", choices=PRECISIONS,
-                   help="bf16/fp32/fp16: weights, gradients and AdamW moments in that dtype; amp-*: fp32 "
-                   "master weights with autocast")  # fmt: skip
-    m.add_argument("--strategy", default="single", choices=STRATEGIES, help="single process, DDP or FSDP2")
-    m.add_argument("--gpus", type=int, default=1, help="data-parallel processes (one per GPU)")
-    m.add_argument("--loss-chunk", type=int, default=DEFAULT_CHUNK,
-                   help="tokens per chunk of the fused head + loss (0: plain logits)")  # fmt: skip
-    m.add_argument("--fused-optimizer", action="store_true", help="fused AdamW (no per-parameter temporary)")
-    m.add_argument(
-        "--gradient-as-bucket-view", action="store_true", help="DDP: gradients live in the buckets"
-    )
-    m.add_argument(
-        "--device", help=f"device whose memory and peak to plan for: {', '.join(DEVICE_MEMORY_MIB)}"
-    )
-    m.add_argument("--memory-gib", type=float, help="device memory in GiB (overrides --device's)")
-    t = parser.add_argument_group("wall-clock estimate (tokens = steps x batch size x seq len x gpus)")
-    t.add_argument("--tokens", type=float, help="training tokens, e.g. 15e12")
-    t.add_argument("--steps", type=int, help="optimizer steps (with --batch-size, --seq-len, --gpus)")
-    t.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation, 0..1")
-    t.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per GPU (default: --device's, bf16)")
-    o = parser.add_argument_group("output")
-    o.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-    o.add_argument("--markdown", action="store_true", help="print markdown tables instead of rich ones")
-    o.add_argument(
-        "--plot",
-        metavar="PNG",
-        help="with --presets or --sweep-seq: also draw the FLOPs shares as stacked bars",
-    )
-    o.add_argument("--calibrate", action="store_true",
-                   help="measure the peak memory of real CPU training steps of small models (single process "
-                   "and 2-rank gloo DDP/FSDP) against the estimate, and print the table (about a minute)")  # fmt: skip
-    overrides = parser.add_argument_group("model fields (override the preset)")
-    for f in _OVERRIDES:
-        overrides.add_argument(
-            "--" + f.name.replace("_", "-"), help="override the preset", **_override_type(f)
-        )
-    return parser
+_OVERRIDES = params_overrides()
 
 
 def _fmt_count(n: float) -> str:

@@ -23,7 +23,16 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("lmtrain.generate:main", "generate text from a run's latest checkpoint"),
     "export-hf": ("lmtrain.export_hf:main", "export a run as a transformers LlamaForCausalLM checkpoint"),
     "tokenizer": ("lmtrain.tokenizer.cli:main", "byte-level BPE: `tokenizer train|encode|decode`"),
-    "bench": ("lmtrain.bench:main", "benchmarks: `bench data|batching|generate|train|bpe`"),
+    "bench": ("lmtrain.bench:main", "benchmarks (listed by `lmtrain bench --help`)"),
+}
+
+# Parsers that print `lmtrain <command> --help` without importing the command's module (which imports
+# torch): "module:function", the function taking `prog` and returning an argparse parser.
+HELP_PARSERS: dict[str, str] = {
+    "train": "lmtrain.config:build_parser",
+    "generate": "lmtrain.arguments:generate_parser",
+    "export-hf": "lmtrain.arguments:export_hf_parser",
+    "params": "lmtrain.arguments:params_parser",
 }
 
 # Layers above the core (the analysis tools) add subcommands through this entry-point group in their
@@ -49,7 +58,12 @@ def _usage() -> str:
     commands = _commands()
     width = max(len(name) for name in commands)
     lines = ["usage: lmtrain <command> [options]", "", "commands:"]
-    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in commands.items()]
+    from lmtrain.bench import available
+
+    benchmarks = "|".join(available()) or "none: bench/ is not beside the package"
+    texts = {name: text for name, (_, text) in commands.items()}
+    texts["bench"] = f"benchmarks: `bench {benchmarks}`"
+    lines += [f"  {name:<{width}}  {text}" for name, text in texts.items()]
     lines += ["", "Run `lmtrain <command> --help` for the options of one command."]
     return "\n".join(lines)
 
@@ -85,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         print(f"error: unknown command '{name}'.{hint} Valid: {', '.join(commands)}", file=sys.stderr)
         return 2
+    if name in HELP_PARSERS and any(arg in ("-h", "--help") for arg in rest):
+        module_name, func_name = HELP_PARSERS[name].split(":")
+        getattr(importlib.import_module(module_name), func_name)(f"lmtrain {name}").print_help()
+        return 0
     module_name, func_name = commands[name][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     return run_user_facing(func, rest)

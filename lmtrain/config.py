@@ -278,7 +278,8 @@ class LoggingConfig:
     """Also log to Weights & Biases in offline mode (needs the wandb package)."""
 
     peak_tflops: Optional[float] = None
-    """Peak TFLOP/s for MFU; None looks the device up in the peak table or measures it."""
+    """Peak TFLOP/s for MFU; None: the GPU peak table, on CPU a matmul peak measured once per machine and
+    cached (see lmtrain.metrics), on an unknown GPU a matmul timed at start-up."""
 
     progress: bool = True
     """Show a progress bar with ETA on an interactive terminal."""

@@ -15,7 +15,6 @@ convention into the other exactly; v, wo and everything else map unchanged.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
@@ -173,23 +172,9 @@ def export_run(
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="lmtrain export-hf",
-        description="Export a run's latest checkpoint as a transformers LlamaForCausalLM directory.",
-        allow_abbrev=False,
-    )
-    parser.add_argument("--run", required=True, help="run directory (with checkpoints/ and tokenizer/)")
-    parser.add_argument("--out", required=True, help="output directory (created)")
-    parser.add_argument(
-        "--dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of the saved weights"
-    )
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
-    parser.add_argument(
-        "--step",
-        type=int,
-        default=None,
-        help="export the checkpoint of this step (default: the newest readable)",
-    )
+    from lmtrain.arguments import export_hf_parser
+
+    parser = export_hf_parser()
     opts = parser.parse_args(argv)
     if not Path(opts.run).is_dir():
         raise UserError(f"--run {opts.run}: no such directory")

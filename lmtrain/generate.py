@@ -296,24 +296,9 @@ def load_run_tokenizer(run_dir: str | Path):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lmtrain generate", description=__doc__.split("\n\n")[0], allow_abbrev=False
-    )
-    p.add_argument("--run", required=True, help="run directory (with checkpoints/ and tokenizer/)")
-    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence for every token")
-    p.add_argument(
-        "--step",
-        type=int,
-        default=None,
-        help="use the checkpoint of this step (default: the newest readable)",
-    )
-    return p
+    from lmtrain.arguments import generate_parser
+
+    return generate_parser()
 
 
 def main(argv: list[str]) -> int:

@@ -45,19 +45,8 @@ import torch
 
 from lmtrain.distributed import DDP_GRADIENT_AS_BUCKET_VIEW
 from lmtrain.errors import UserError
+from lmtrain.hardware import DEVICE_MEMORY_MIB, PRECISIONS, STRATEGIES  # noqa: E402,F401  (re-exported)
 from lmtrain.model import Transformer, TransformerModelArgs
-
-PRECISIONS = ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16")
-STRATEGIES = ("single", "ddp", "fsdp")
-
-# Total memory per device as `nvidia-smi` reports it (MiB), by the short names `--device` accepts.
-DEVICE_MEMORY_MIB: dict[str, int] = {
-    "gh200": 97_871,  # GH200 with 96 GB HBM3 (clariden)
-    "h100": 81_559,  # H100 SXM 80 GB
-    "h200": 143_771,  # H200 141 GB HBM3e
-    "a100": 81_920,  # A100 80 GB
-    "a100-40": 40_960,
-}
 
 # GPU-only terms. None of them can be measured on CPU, so each is an estimate from public figures, and
 # each is 0 for device="cpu" (what calibration compares against).

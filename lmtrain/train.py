@@ -46,7 +46,7 @@ from lmtrain.distributed import (
 )
 from lmtrain.errors import UserError
 from lmtrain.hooks import StepHooks
-from lmtrain.log import init_logging, logger, make_metric_logger
+from lmtrain.log import done_line, init_logging, logger, make_metric_logger, step_line, tail_mean, val_line
 from lmtrain.losses import DEFAULT_CHUNK, IGNORE_INDEX
 from lmtrain.metrics import StepTimer, Throughput, mfu, peak_memory_gib, resolve_peak, write_loss_plot
 from lmtrain.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
@@ -638,7 +638,7 @@ def start_metrics(run: Run, hooks: StepHooks | None) -> None:
     """FLOPs per token and the MFU peak (logged with the model size), metric sinks, hooks, progress bar."""
     cfg, env = run.cfg, run.env
     run.fpt = model_flops_per_token(run.args, cfg.data.sequence_length)
-    run.peak = resolve_peak(run.device, compute_dtype(cfg.precision), cfg.logging.peak_tflops)
+    run.peak = resolve_peak(run.device, compute_dtype(cfg.precision), cfg.logging.peak_tflops, log=logger.info)
     logger.info(
         "model %s: %.2fM parameters, %.3g GFLOP/token; MFU peak %.4g TFLOP/s per device (%s)",
         cfg.model.preset,
@@ -758,26 +758,16 @@ def train_steps(run: Run, stop: StopRequest) -> None:
                     metrics["peak_memory_gib"] = mem
                 if metric_log is not None:
                     metric_log.log(step, metrics)
-                    if progress is None:
-                        logger.info(
-                            "step %d/%d | loss %.4f | lr %.3g | grad norm %.3g | %.0f tok/s | %.1f ms/step | MFU %.2f%%",
-                            step,
-                            total_steps,
-                            result.loss,
-                            lr,
-                            result.grad_norm,
-                            metrics["tokens_per_s"],
-                            1e3 * metrics["step_time"],
-                            100 * metrics["mfu"],
-                        )
+                    logger.info(step_line(step, total_steps, metrics))
                 window.reset()
             if progress is not None:
                 progress.update(progress.task_ids[0], completed=step, info=f"loss {result.loss:.4f}")
 
             if cfg.training.eval_interval and step % cfg.training.eval_interval == 0 and step < total_steps:
+                t_eval = time.perf_counter()
                 val = run.validate(step)
                 if val is not None:
-                    logger.info("step %d: validation loss %.4f", step, val)
+                    logger.info(val_line(step, val, time.perf_counter() - t_eval))
             hooks.on_step_end(step)
             if run.exit_reason == "diverged":
                 break
@@ -815,7 +805,10 @@ def finish(run: Run, stop: StopRequest) -> None:
     if step == run.start_step and "val_loss" in run.logged_at_start:  # requeued after its final evaluation
         run.val_history.append((step, float(run.logged_at_start["val_loss"])))
     else:
-        run.validate(step)
+        t_eval = time.perf_counter()
+        val = run.validate(step)
+        if val is not None:
+            logger.info(val_line(step, val, time.perf_counter() - t_eval))
     if stop.any_rank():
         logger.warning(
             "signal %s after the last step: exiting for requeue",
@@ -834,8 +827,10 @@ def write_summary(run: Run, wall_start: float) -> dict:
         "resumed_from": run.start_step or None,
         "initial_train_loss": losses[0][1] if losses and run.start_step == 0 else None,
         "final_train_loss": losses[-1][1] if losses else None,
-        # One batch's loss is noisy; the mean over the last 20 steps is the number to compare.
-        "final_train_loss_avg20": sum(x for _, x in losses[-20:]) / len(losses[-20:]) if losses else None,
+        # One batch's loss is noisy; the mean over the last 20 steps (fewer in a shorter run) is the number
+        # to compare.
+        "final_train_loss_avg20": tail_mean([x for _, x in losses], 20)[0],
+        "final_train_loss_avg_steps": tail_mean([x for _, x in losses], 20)[1],
         "final_val_loss": val_history[-1][1] if val_history else None,
         "tokens_per_s": rates["tokens_per_s"],
         "positions_per_s": rates["positions_per_s"],
@@ -855,15 +850,7 @@ def write_summary(run: Run, wall_start: float) -> dict:
             write_loss_plot(run.run_dir / "metrics.jsonl", run.run_dir / "loss.png")
         except Exception as exc:  # a plot must never fail a finished run
             logger.warning("could not write loss.png: %s", exc)
-        logger.info(
-            "done (%s): %d steps, final train loss %s, val loss %s, %.0f tokens/s, %.1f s",
-            run.exit_reason,
-            run.step,
-            summary["final_train_loss"],
-            summary["final_val_loss"],
-            summary["tokens_per_s"],
-            summary["wall_time_s"],
-        )
+        logger.info(done_line(summary))
     return summary
 
 

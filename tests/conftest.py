@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,9 @@ import pytest
 # (gloo ranks, DataLoader workers, trainer subprocesses); torch's default of one thread per core then
 # oversubscribes the machine and small-model tests run many times slower. Subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Measured CPU peaks are cached per machine; the suite's own (measured on a busy machine) stay out of the
+# user's cache, shared by this session and its subprocesses.
+os.environ.setdefault("LMTRAIN_CACHE_DIR", tempfile.mkdtemp(prefix="lmtrain-test-cache-"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -35,7 +39,12 @@ def slurm_problem() -> str | None:
     except subprocess.TimeoutExpired:
         return "sinfo timed out: slurmctld is not answering"
     if out.returncode != 0:
-        return f"sinfo failed: {out.stderr.strip()}"
+        # sinfo explains itself in several lines; the last one says what failed in the end.
+        lines = [line.strip() for line in out.stderr.splitlines() if line.strip()]
+        why = lines[-1].removeprefix("sinfo: ") if lines else f"exit status {out.returncode}"
+        return (
+            f"no Slurm controller answers sinfo ({why}); start one with ../shared/slurm/start-local-slurm.sh"
+        )
     return None
 
 

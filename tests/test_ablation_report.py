@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -166,17 +165,13 @@ def test_bad_input_is_a_user_error(tmp_path, monkeypatch, setup, args, message):
         rep.main([*args, "--no-generations"])
 
 
-def test_runs_as_a_script_and_reports_errors_without_traceback(tmp_path):
+def test_runs_as_a_command_and_reports_errors_without_traceback(tmp_path):
     study(tmp_path, {"baseline": [3.0], "swiglu": [2.9]})
-    script = REPO / "tools" / "ablation_report.py"
-    # The shebang finds `python` on PATH: the project's virtualenv, as for a user who activated it.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    command = [sys.executable, "-m", "lmtrain", "ablation-report"]  # `lmtrain ablation-report`
     ok = subprocess.run(
-        [str(script), str(tmp_path), "--no-generations"], capture_output=True, text=True, env=env
+        [*command, str(tmp_path), "--no-generations"], capture_output=True, text=True, cwd=REPO
     )
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "report.md").is_file()
-    bad = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "nope")], capture_output=True, text=True
-    )
+    bad = subprocess.run([*command, str(tmp_path / "nope")], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "error: RUN_DIR" in bad.stderr and "Traceback" not in bad.stderr

@@ -22,3 +22,56 @@ def test_unknown_subcommand_suggests(capsys):
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "lmtrain", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("lmtrain ")
+
+
+# Every command and its subcommands, as a user asks for help.
+HELP_COMMANDS = [
+    ["train"], ["prepare"], ["data", "stats"], ["data", "show"], ["params"], ["generate"], ["export-hf"],
+    ["tokenizer", "train"], ["tokenizer", "encode"], ["bench"], ["gemm-report"], ["compare-runs"],
+    ["plot-loss"], ["ablation-report"],
+]  # fmt: skip
+
+HELP_PROBE = """
+import json, sys
+from lmtrain.cli import main
+try:
+    code = main(sys.argv[1:] + ["--help"])
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted(m for m in ("torch", "transformers", "matplotlib") if m in sys.modules)
+print(json.dumps({"code": code, "heavy": heavy}))
+"""
+
+
+def test_help_of_every_command_imports_no_heavy_module():
+    """--help answers before torch, transformers or matplotlib (seconds of imports) is loaded."""
+    import json
+
+    for command in [[], *HELP_COMMANDS]:
+        out = subprocess.run([sys.executable, "-c", HELP_PROBE, *command], capture_output=True, text=True)
+        last = json.loads(out.stdout.strip().splitlines()[-1])
+        assert last == {"code": 0, "heavy": []}, (command, last, out.stderr[-500:])
+        assert "usage:" in out.stdout, command
+
+
+def test_help_shows_defaults(capsys):
+    for command, default in ((["data", "stats"], "(default: 32)"), (["generate"], "(default: 0.8)"),
+                             (["params"], "(default: llama3-8b)"), (["train"], "default: 5]")):  # fmt: skip
+        try:
+            main([*command, "--help"])
+        except SystemExit:
+            pass
+        assert default in " ".join(capsys.readouterr().out.split()), command
+
+
+def test_benchmark_lists_agree(capsys):
+    from lmtrain.bench import available
+    from lmtrain.bench import main as bench_main
+
+    names = available()
+    assert "data" in names and "nsys_report" in names
+    main(["--help"])
+    assert f"`bench {'|'.join(names)}`" in capsys.readouterr().out
+    bench_main(["--help"])
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert listed == names

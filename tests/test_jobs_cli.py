@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from jobs import report
 from jobs.logs import main as logs_main
 from jobs.runs import newest_run, record
 from lmtrain.errors import UserError
+from lmtrain.profiling.nsys_synth import write_export
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,20 +26,26 @@ def jobs_index(tmp_path, monkeypatch):
     monkeypatch.setenv("LMTRAIN_JOBS_INDEX", str(tmp_path / "jobs.jsonl"))
 
 
-def profiled_run(tmp_path, nsys_fixtures):
+def profiled_run(tmp_path):
     run = tmp_path / "runs" / "profile" / "20260101-000000"
     run.mkdir(parents=True)
     trace = run / "trace.nsys-rep"
     trace.write_bytes(b"placeholder: the export beside it is newer, so it is not exported again")
     old = time.time() - 60
     os.utime(trace, (old, old))
-    shutil.copy(nsys_fixtures / "ffn_nvtx_ctypes.sqlite", run / "trace.sqlite")
+    # A synthetic export with FeedForward NVTX ranges, and the run's config that gives their shapes.
+    write_export(
+        run / "trace.sqlite", steps=1, n_layers=2, tokens=2048, dim=256, hidden=768, with_sizes=False
+    )
+    cfg = {"model": {"preset": "tiny", "dim": 256, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 256},
+           "data": {"sequence_length": 1024, "batch_size": 2}}  # fmt: skip
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     record({"job_id": "1", "experiment": "profile", "cluster": "local", "run_dir": str(run)})
     return run
 
 
-def test_report_runs_the_gemm_report_on_the_newest_profiled_run(tmp_path, nsys_fixtures):
-    run = profiled_run(tmp_path, nsys_fixtures)
+def test_report_runs_the_gemm_report_on_the_newest_profiled_run(tmp_path):
+    run = profiled_run(tmp_path)
     env = {**os.environ, "LMTRAIN_JOBS_INDEX": str(tmp_path / "jobs.jsonl")}
     out = subprocess.run(
         [sys.executable, "-m", "jobs.report", "--exp", "profile"],
@@ -52,8 +59,8 @@ def test_report_runs_the_gemm_report_on_the_newest_profiled_run(tmp_path, nsys_f
     assert "FeedForward" in out.stdout  # the NVTX ranges of the fixture, from tools/nsys_gemm_report.py
 
 
-def test_report_exports_again_when_the_trace_is_newer_and_needs_nsys(tmp_path, nsys_fixtures, monkeypatch):
-    run = profiled_run(tmp_path, nsys_fixtures)
+def test_report_exports_again_when_the_trace_is_newer_and_needs_nsys(tmp_path, monkeypatch):
+    run = profiled_run(tmp_path)
     os.utime(run / "trace.nsys-rep")  # now newer than the export
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
     with pytest.raises(UserError, match="nsys is not on PATH"):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from lmtrain import metrics
 from lmtrain.metrics import (
     Throughput,
     measure_peak_tflops,
@@ -35,10 +36,57 @@ def test_peak_table(name, dtype, peak):
     assert table_peak_tflops(name, dtype) == peak
 
 
-def test_cpu_peak_is_measured_and_says_so():
-    peak = resolve_peak(torch.device("cpu"), torch.float32, None)
-    assert peak.source.startswith("measured peak: cpu")
+@pytest.fixture
+def quick_cpu_peak(tmp_path, monkeypatch):
+    """A private cache directory and a short benchmark (the real one runs 5 rounds of 1 s)."""
+    monkeypatch.setenv("LMTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(metrics, "CPU_PEAK_ROUNDS", 2)
+    monkeypatch.setattr(metrics, "CPU_PEAK_ROUND_SECONDS", 0.02)
+    monkeypatch.setattr(metrics, "CPU_PEAK_SIZE", 128)
+    return tmp_path / "cache" / "cpu-peak.json"
+
+
+def test_cpu_peak_is_measured_once_then_read_from_the_cache(quick_cpu_peak):
+    heard = []
+    peak = resolve_peak(torch.device("cpu"), torch.float32, None, log=heard.append)
+    assert peak.source == f"cached CPU peak: {metrics.cpu_model()} | {torch.get_num_threads()} threads | fp32"
     assert 0 < peak.tflops < 100  # two CPU cores, fp32
+    assert len(heard) == 1 and "measuring the CPU matmul peak once" in heard[0]
+    entry = json.loads(quick_cpu_peak.read_text())[metrics.cpu_peak_key(torch.float32)]
+    assert entry["tflops"] == max(entry["rounds"]) == peak.tflops and len(entry["rounds"]) == 2
+    again = resolve_peak(torch.device("cpu"), torch.float32, None, log=heard.append)
+    assert again == peak and len(heard) == 1  # read back, not measured again
+
+
+def test_cpu_peak_cache_is_keyed_by_threads_and_dtype(quick_cpu_peak):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = metrics.cpu_peak_key(torch.float32)
+        metrics.cpu_peak(torch.float32)
+        metrics.cpu_peak(torch.bfloat16)
+        torch.set_num_threads(2)
+        two = metrics.cpu_peak_key(torch.float32)
+        metrics.cpu_peak(torch.float32)
+    finally:
+        torch.set_num_threads(before)
+    assert "| 1 threads |" in one and "| 2 threads |" in two
+    assert set(json.loads(quick_cpu_peak.read_text())) == {one, two, one.replace("fp32", "bf16")}
+
+
+def test_a_corrupt_cpu_peak_cache_is_measured_again(quick_cpu_peak):
+    quick_cpu_peak.parent.mkdir(parents=True)
+    quick_cpu_peak.write_text('{"AMD')
+    heard = []
+    value, _ = metrics.cpu_peak(torch.float32, log=heard.append)
+    assert value > 0 and len(heard) == 1
+    assert json.loads(quick_cpu_peak.read_text())[metrics.cpu_peak_key(torch.float32)]["tflops"] == value
+
+
+def test_peak_table_needs_no_torch_dtype():
+    assert table_peak_tflops("NVIDIA GH200 480GB", "bf16") == table_peak_tflops(
+        "NVIDIA GH200", torch.bfloat16
+    )
 
 
 def test_configured_peak_wins():
@@ -75,3 +123,28 @@ def test_loss_plot(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert not write_loss_plot(empty, tmp_path / "none.png")
+
+
+def test_step_line_is_one_line_with_rounded_numbers_and_flags_mfu_above_100():
+    from lmtrain.log import step_line
+
+    metrics_ = {"loss": 4.708076477050781, "lr": 0.003, "grad_norm": 1.2345, "step_time": 0.08531,
+                "tokens_per_s": 24012.4, "mfu": 0.1234}  # fmt: skip
+    line = step_line(10, 300, metrics_)
+    assert (
+        line
+        == "step 10/300 | loss 4.7081 | lr 3.00e-03 | grad norm 1.23 | 85.3 ms/step | 24,012 tok/s | MFU 12.34%"
+    )
+    assert "above 100%" in step_line(10, 300, {**metrics_, "mfu": 1.0282})
+
+
+def test_line_progress_prints_start_paced_progress_and_end(capsys):
+    from lmtrain.log import LineProgress
+
+    with LineProgress("bpe merging", every=0.0) as progress:  # every 0 s: a line per update
+        task = progress.add_task("merge", total=3)
+        for _ in range(3):
+            progress.advance(task)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "bpe merging: started" and lines[-1].startswith("bpe merging: done in ")
+    assert [line.split(" (")[0] for line in lines[1:-1]] == [f"bpe merging: {n}/3" for n in (1, 2, 3)]

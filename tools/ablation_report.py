@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Markdown report of an ablation study: a table, NLL curves and generations, from run directories.
 
-    tools/ablation_report.py runs/ablation/attention-wasnt-all-300steps/*-seed* --out runs/ablation/report
+    lmtrain ablation-report runs/ablation/attention-wasnt-all-300steps/*-seed* --out runs/ablation/report
 
 Each RUN_DIR is a finished `lmtrain train` run (config.yaml, metrics.jsonl, summary.json, checkpoints/,
 tokenizer/); a directory that holds such runs stands for all of them. A run is named
@@ -531,7 +530,7 @@ def build_report(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="tools/ablation_report.py", description=__doc__.split("\n\n")[0], allow_abbrev=False
+        prog="lmtrain ablation-report", description=__doc__.split("\n\n")[0], allow_abbrev=False
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (or a study directory)")
     p.add_argument("--out", help="output directory (default: the runs' common parent)")

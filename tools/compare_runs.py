@@ -1,5 +1,4 @@
-#!/usr/bin/env python3
-"""tools/compare_runs.py runs/baseline-* runs/fused-* [--warmup 1] [--markdown cmp.md] [--png cmp.png]
+"""lmtrain compare-runs runs/baseline-* runs/fused-* [--warmup 1] [--markdown cmp.md] [--png cmp.png]
 
 Compare training runs: tokens/s, TFLOP/s and MFU (mean and standard deviation over the logged steps,
 skipping the first `--warmup` logged records), peak memory, final training and validation loss, and the
@@ -125,7 +124,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tools/compare_runs.py", description=__doc__.split("\n\n", 1)[1],
+    p = argparse.ArgumentParser(prog="lmtrain compare-runs", description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("runs", nargs="+", help="run directories, metrics.jsonl files, course logs, or globs")
     p.add_argument("--warmup", type=int, default=1, help="logged records to skip at the start (default 1)")

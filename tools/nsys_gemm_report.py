@@ -1,5 +1,4 @@
-#!/usr/bin/env python3
-"""tools/nsys_gemm_report.py trace.sqlite [--shape 'w1=8192x1536x512:bf16'] [--shapes shapes.yaml] [--gpu h100-sxm] [--markdown out.md]
+"""lmtrain gemm-report trace.sqlite [--shape 'w1=8192x1536x512:bf16'] [--shapes shapes.yaml] [--gpu h100-sxm] [--markdown out.md]
 
 How close do the GEMMs of a step come to the GPU's peak? A GEMM report of an Nsight Systems SQLite export
 (`nsys export --type sqlite trace.nsys-rep`).
@@ -711,7 +710,7 @@ def nvtx_csv(report: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="tools/nsys_gemm_report.py",
+        prog="lmtrain gemm-report",
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

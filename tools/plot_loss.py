@@ -1,5 +1,4 @@
-#!/usr/bin/env python3
-"""tools/plot_loss.py runs/baseline-* runs/fused-* [--smooth 10] [--out loss.png]
+"""lmtrain plot-loss runs/baseline-* runs/fused-* [--smooth 10] [--out loss.png]
 
 Plot the training loss (NLL) against the step for one or many runs in one PNG, with the validation loss
 where the run logged it (markers, same colour). `--smooth N` draws a trailing N-record moving average of
@@ -73,7 +72,7 @@ def plot(runs: list[Run], out: Path, smooth: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tools/plot_loss.py", description=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(prog="lmtrain plot-loss", description=__doc__.split("\n\n", 1)[1])
     p.add_argument("runs", nargs="+", help="run directories, metrics.jsonl files, course logs, or globs")
     p.add_argument(
         "--smooth", type=int, default=1, help="moving average over N logged records (default 1: none)"

@@ -6,17 +6,35 @@ train = build_dataloader(cfg.data, tok, "train", seed=cfg.training.seed, rank=ra
 val = build_dataloader(cfg.data, tok, "val", seed=cfg.training.seed, rank=rank, world_size=world)  # or None
 """
 
-from lmtrain.data.datasets import (
-    CollatorForCLM,
-    PackedDataset,
-    PaddedDocuments,
-    ParquetDataset,
-    RandomWindowDataset,
-    get_batch,
-)
-from lmtrain.data.loader import PackedLoader, PaddedLoader, build_dataloader
-from lmtrain.data.sources import JsonlDataset, ParquetTexts, TokenFile, open_split
-from lmtrain.data.tokenizers import byte_tokenizer, load_tokenizer, resolve_tokenizer
+import importlib
+
+# name -> submodule. Imported on first use (PEP 562), so `lmtrain.data.cli` and `lmtrain.data.prepare`
+# answer `--help` without importing torch and transformers.
+_WHERE = {
+    **dict.fromkeys(
+        [
+            "CollatorForCLM",
+            "PackedDataset",
+            "PaddedDocuments",
+            "ParquetDataset",
+            "RandomWindowDataset",
+            "get_batch",
+        ],
+        "datasets",
+    ),
+    **dict.fromkeys(["PackedLoader", "PaddedLoader", "build_dataloader"], "loader"),
+    **dict.fromkeys(["JsonlDataset", "ParquetTexts", "TokenFile", "open_split"], "sources"),
+    **dict.fromkeys(["byte_tokenizer", "load_tokenizer", "resolve_tokenizer"], "tokenizers"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'lmtrain.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"lmtrain.data.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CollatorForCLM",
@@ -36,3 +54,5 @@ __all__ = [
     "open_split",
     "resolve_tokenizer",
 ]
+
+assert sorted(__all__) == sorted(_WHERE)

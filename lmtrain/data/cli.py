@@ -12,21 +12,27 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.table import Table
-
-from lmtrain.config import DataConfig
-from lmtrain.data.loader import build_dataloader
-from lmtrain.data.tokenizers import resolve_tokenizer
 from lmtrain.errors import UserError
+from lmtrain.log import Ticker
+
+if TYPE_CHECKING:
+    from lmtrain.config import DataConfig
 
 
 def pipeline_stats(cfg: DataConfig, tokenizer, max_batches: int, seed: int = 0) -> dict:
     """Padding and ignored-label counts over the first `max_batches` batches of one finite pass."""
+    from lmtrain.data.loader import build_dataloader
+
     loader = build_dataloader(cfg, tokenizer, "train", seed=seed)
     batches = tokens = padding = ignored = 0
+    ticker = Ticker()
     for batch in itertools.islice(loader, max_batches):
+        if ticker.due():
+            print(f"data stats: {cfg.pipeline}: {batches}/{max_batches} batches ({ticker.elapsed():.0f} s)",
+                  file=sys.stderr, flush=True)  # fmt: skip
         x, y = batch["input_ids"], batch["labels"]
         batches += 1
         tokens += x.numel()
@@ -39,6 +45,12 @@ def pipeline_stats(cfg: DataConfig, tokenizer, max_batches: int, seed: int = 0) 
 
 
 def cmd_stats(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from lmtrain.config import DataConfig
+    from lmtrain.data.tokenizers import resolve_tokenizer
+
     base = dict(dataset=args.dataset, tokenizer=args.tokenizer, sequence_length=args.sequence_length)
     cfg = DataConfig(**base, batch_size=args.batch_size)
     tokenizer = resolve_tokenizer(cfg)
@@ -46,6 +58,7 @@ def cmd_stats(args) -> int:
     for col in ("pipeline", "batches", "tokens/batch", "padding/batch", "padding", "ignored"):
         table.add_column(col, justify="left" if col == "pipeline" else "right")
     for pipeline in ("padded", "packed"):
+        print(f"data stats: {pipeline}: reading {args.batches} batches ...", file=sys.stderr, flush=True)
         s = pipeline_stats(
             DataConfig(**base, batch_size=args.batch_size, pipeline=pipeline), tokenizer, args.batches
         )
@@ -64,6 +77,12 @@ def cmd_stats(args) -> int:
 
 
 def cmd_show(args) -> int:
+    from rich.console import Console
+
+    from lmtrain.config import DataConfig
+    from lmtrain.data.loader import build_dataloader
+    from lmtrain.data.tokenizers import resolve_tokenizer
+
     cfg = DataConfig(dataset=args.dataset, tokenizer=args.tokenizer, sequence_length=args.sequence_length)
     tokenizer = resolve_tokenizer(cfg)
     loader = build_dataloader(cfg, tokenizer, args.split, seed=args.seed)
@@ -81,20 +100,23 @@ def cmd_show(args) -> int:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="lmtrain data", description=__doc__.split("\n\n")[0])
+    from lmtrain.arguments import ShowDefaults
+
+    defaults = {"formatter_class": ShowDefaults}
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_text in (("stats", "padding and ignored tokens per batch"), ("show", "decode one sample")):
-        s = sub.add_parser(name, help=help_text)
+        s = sub.add_parser(name, help=help_text, description=help_text, **defaults)
         s.add_argument("--dataset", required=True, help="prepared directory, parquet, JSONL or .tokens.bin")
-        s.add_argument("--tokenizer", default="", help="empty: the one saved beside the dataset")
-        s.add_argument("--sequence-length", type=int, default=4096)
+        s.add_argument("--tokenizer", default="", help="default: the one saved beside the dataset")
+        s.add_argument("--sequence-length", type=int, default=4096, help="tokens per sample (T)")
     stats = sub.choices["stats"]
-    stats.add_argument("--batch-size", type=int, default=32)
+    stats.add_argument("--batch-size", type=int, default=32, help="samples per batch (B)")
     stats.add_argument("--batches", type=int, default=20, help="batches measured per pipeline")
     show = sub.choices["show"]
     show.add_argument("--index", type=int, default=0, help="sample number (batch size 1, unshuffled for val)")
-    show.add_argument("--tokens", type=int, default=200)
-    show.add_argument("--split", choices=["train", "val"], default="train")
-    show.add_argument("--seed", type=int, default=0)
+    show.add_argument("--tokens", type=int, default=200, help="how many tokens of the sample to print")
+    show.add_argument("--split", choices=["train", "val"], default="train", help="which split to read")
+    show.add_argument("--seed", type=int, default=0, help="shuffling seed of the train split")
     args = p.parse_args(argv)
     if args.command == "stats":
         if args.batches < 1:

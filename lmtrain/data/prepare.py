@@ -43,6 +43,7 @@ from lmtrain.data.tokenizers import (
 )
 from lmtrain.errors import UserError
 from lmtrain.runlock import DirectoryLock
+from lmtrain.log import Ticker
 
 ROWS_PER_GROUP = 1024
 MAX_REPORTED_LINES = 5
@@ -263,9 +264,19 @@ def build_tokenizer(spec: str, train_parquet: Path, impl: str, workdir: Path):
     from transformers import PreTrainedTokenizerFast
 
     core, trainer = hf_byte_level_bpe(vocab_size, SPECIAL_TOKENS)
-    core.train_from_iterator(parquet_texts(train_parquet), trainer)
+    core.train_from_iterator(_counted(parquet_texts(train_parquet), "counting words of"), trainer)
     _prepend_bos(core, core.token_to_id(BOS))
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token="</s>", pad_token="<pad>")
+
+
+def _counted(texts: Iterator[str], doing: str) -> Iterator[str]:
+    """`texts`, with a progress line every few seconds and one when they run out (the merges follow)."""
+    ticker, n = Ticker(), 0
+    for n, text in enumerate(texts, 1):
+        if ticker.due():
+            say(f"prepare: tokenizer: {doing} {n:,} documents ({ticker.elapsed():.0f} s)")
+        yield text
+    say(f"prepare: tokenizer: {n:,} documents read in {ticker.elapsed():.1f} s; computing the merges ...")
 
 
 def _prepend_bos(core, bos_id: int) -> None:
@@ -277,13 +288,18 @@ def _prepend_bos(core, bos_id: int) -> None:
     )
 
 
-def tokenize_split(parquet: Path, tokenizer, batch_docs: int = 256) -> Iterator:
+def tokenize_split(parquet: Path, tokenizer, batch_docs: int = 256, label: str = "") -> Iterator:
+    """Token ids per document; with a `label`, a progress line every few seconds."""
     texts: list[str] = []
+    ticker, done = Ticker(), 0
     for text in parquet_texts(parquet):
         texts.append(text)
         if len(texts) == batch_docs:
             yield from tokenizer(texts, add_special_tokens=False)["input_ids"]
+            done += len(texts)
             texts = []
+            if label and ticker.due():
+                say(f"prepare: {label}: {done:,} documents tokenized ({ticker.elapsed():.0f} s)")
     if texts:
         yield from tokenizer(texts, add_special_tokens=False)["input_ids"]
 
@@ -389,6 +405,7 @@ def _build(args, docs, stats: SourceStats, tmp: Path, recorded: dict, progress, 
     show = sys.stderr.isatty() if progress is None else progress
     bar = _progress(show)
     start = time.perf_counter()
+    ticker = Ticker()  # without a terminal: a line every few seconds instead of the bar
     try:
         if bar is not None:
             bar.start()
@@ -405,6 +422,10 @@ def _build(args, docs, stats: SourceStats, tmp: Path, recorded: dict, progress, 
             if bar is not None and stats.documents % 16 == 0:
                 mb = stats.bytes / 1e6
                 bar.update(task, completed=stats.documents, mb=mb, rate=mb / (time.perf_counter() - start))
+            elif bar is None and ticker.due():
+                say(
+                    f"prepare: read {stats.documents:,} documents, {stats.bytes / 1e6:.1f} MB ({ticker.elapsed():.0f} s)"
+                )
             if args.max_documents is not None and stats.documents >= args.max_documents:
                 break
     finally:
@@ -426,8 +447,16 @@ def _build(args, docs, stats: SourceStats, tmp: Path, recorded: dict, progress, 
         counts = {"train": counts["train"] - 1, "val": 1}
     if counts["val"] == 0:
         (tmp / "val.parquet").unlink()
+    say(
+        f"prepare: read {stats.documents:,} documents, {stats.bytes / 1e6:.1f} MB in {ticker.elapsed():.1f} s"
+    )
+    if args.tokenizer.startswith("bpe:"):
+        say(f"prepare: training the {args.tokenizer} tokenizer ({args.bpe_impl}) on the train split ...")
+    t_tok = time.perf_counter()
     tokenizer = build_tokenizer(args.tokenizer, tmp / "train.parquet", args.bpe_impl, tmp)
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    if args.tokenizer.startswith("bpe:"):
+        say(f"prepare: tokenizer trained in {time.perf_counter() - t_tok:.1f} s")
     for leftover in ("bpe.json",):
         (tmp / leftover).unlink(missing_ok=True)
     info = {
@@ -442,15 +471,25 @@ def _build(args, docs, stats: SourceStats, tmp: Path, recorded: dict, progress, 
         info["tokens"] = {}
         for split in ("train", "val"):
             if counts[split]:
+                t_split = time.perf_counter()
+                say(f"prepare: tokenizing the {split} split ({counts[split]:,} documents) ...")
                 meta = write_token_file(
                     tmp / split,
-                    tokenize_split(tmp / f"{split}.parquet", tokenizer),
+                    tokenize_split(tmp / f"{split}.parquet", tokenizer, label=split),
                     len(tokenizer),
                     {"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer)},
                 )
                 info["tokens"][split] = meta["num_tokens"]
+                say(
+                    f"prepare: {split}: {meta['num_tokens']:,} tokens in {time.perf_counter() - t_split:.1f} s"
+                )
     (tmp / "prepare.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def say(line: str) -> None:
+    """A progress line on stderr, flushed at once (stdout carries the result)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+if TYPE_CHECKING:  # transformers is imported where a tokenizer is built: `--help` must not wait for it
+    from transformers import PreTrainedTokenizerFast
 
-from lmtrain.config import DataConfig
+    from lmtrain.config import DataConfig
 from lmtrain.errors import UserError
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
@@ -40,6 +42,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     Calling it with `add_special_tokens=True` (the default) prepends <s>, like Llama and Mistral.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
 
     byte_to_char = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins, unordered
     # ByteLevel maps byte b to a fixed printable character; recover that mapping to give byte b id b.
@@ -99,6 +102,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
         raise UserError("no tokenizer given: pass `byte`, a directory, a tokenizer.json or a hub name")
     if name_or_path == "byte":
         return byte_tokenizer()
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     path = Path(name_or_path)
     if path.is_file():
         if path.suffix != ".json":

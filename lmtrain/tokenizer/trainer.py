@@ -154,11 +154,15 @@ def _count_chunk(args: tuple[str, int, int, list[str]]) -> tuple[Counter | None,
 
 
 def _progress(total_desc: str):
-    """A rich progress bar on a terminal; silent otherwise (batch jobs, pipes, tests)."""
+    """A rich progress bar on a terminal; elsewhere (batch jobs, pipes) a line every few seconds."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from lmtrain.log import LineProgress
+
     console = Console(file=sys.stderr)
+    if not console.is_terminal:
+        return LineProgress(f"bpe {total_desc}")
     return Progress(
         TextColumn(total_desc),
         BarColumn(),
@@ -166,7 +170,6 @@ def _progress(total_desc: str):
         TimeElapsedColumn(),
         console=console,
         transient=True,
-        disable=not console.is_terminal,
     )
 
 
