@@ -45,6 +45,13 @@ RUN = {
     "lmtrain data show --dataset data/stdlib --index 0 --tokens 200":
         "lmtrain data show --dataset data/stdlib --index 0 --tokens 200",
     "lmtrain params --preset llama3-8b --vocab-size 131072": "lmtrain params --preset llama3-8b --vocab-size 131072",
+    "lmtrain params --presets gpt2-small,gpt2-xl,llama3-8b --device gh200 --plot shares.png":
+        "lmtrain params --presets gpt2-small,gpt2-xl,llama3-8b --device gh200 --plot shares.png",
+    "lmtrain params --preset llama3-8b --strategy fsdp --gpus 4 --steps 1000 --device gh200 --mfu 0.35":
+        "lmtrain params --preset llama3-8b --strategy fsdp --gpus 4 --steps 1000 --device gh200 --mfu 0.35",
+    "lmtrain predict --preset llama3-8b --device gh200 --seq 2048 --fused --compile":
+        "lmtrain predict --preset llama3-8b --device gh200 --seq 2048 --fused --compile",
+    "lmtrain predict --course": "lmtrain predict --course",
     'lmtrain generate --run RUN_DIR --prompt "def main(" --temperature 0.8 --top-k 50':
         'lmtrain generate --run runs/tiny --prompt "def main(" --temperature 0.8 --top-k 50 --max-new-tokens 8',
     "lmtrain export-hf --run RUN_DIR --out hf/": "lmtrain export-hf --run runs/tiny --out hf/",
@@ -68,7 +75,8 @@ EXPECT = {
     "make train": ["unigram entropy", "step 4/4 | loss", "mean of the last 4 steps", "sample (top-k 40"],
     "make test": ["passed"],
     "lmtrain data stats": ["packed", "padded"],
-    "lmtrain params": ["8,053,329,920"],
+    "lmtrain params --preset llama3-8b --vocab-size 131072": ["8,053,329,920"],
+    "lmtrain predict --course": ["32.6"],
     "lmtrain generate": ["def main("],
     "lmtrain export-hf": ["LlamaForCausalLM"],
     "lmtrain gemm-report": ["FeedForward"],
