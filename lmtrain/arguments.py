@@ -30,6 +30,12 @@ def _new(prog: str, description: str) -> argparse.ArgumentParser:
     )
 
 
+def _add_step(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--step", type=int, default=None, help="the checkpoint of this step (default: the newest readable)"
+    )
+
+
 def generate_parser(prog: str = "lmtrain generate") -> argparse.ArgumentParser:
     p = _new(prog, "Sample text from a run's latest checkpoint, with a key/value cache.")
     p.add_argument("--run", required=True, help="run directory (with checkpoints/ and tokenizer/)")
@@ -40,12 +46,7 @@ def generate_parser(prog: str = "lmtrain generate") -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of mass p")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence for every token")
-    p.add_argument(
-        "--step",
-        type=int,
-        default=None,
-        help="use the checkpoint of this step (default: the newest readable)",
-    )
+    _add_step(p)
     return p
 
 
@@ -55,12 +56,7 @@ def export_hf_parser(prog: str = "lmtrain export-hf") -> argparse.ArgumentParser
     p.add_argument("--out", required=True, help="output directory (created)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of the saved weights")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out directory")
-    p.add_argument(
-        "--step",
-        type=int,
-        default=None,
-        help="export the checkpoint of this step (default: the newest readable)",
-    )
+    _add_step(p)
     return p
 
 

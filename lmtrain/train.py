@@ -46,7 +46,16 @@ from lmtrain.distributed import (
 )
 from lmtrain.errors import UserError
 from lmtrain.hooks import StepHooks
-from lmtrain.log import done_line, init_logging, logger, make_metric_logger, step_line, tail_mean, val_line
+from lmtrain.log import (
+    Ticker,
+    done_line,
+    init_logging,
+    logger,
+    make_metric_logger,
+    step_line,
+    tail_mean,
+    val_line,
+)
 from lmtrain.losses import DEFAULT_CHUNK, IGNORE_INDEX
 from lmtrain.metrics import StepTimer, Throughput, mfu, peak_memory_gib, resolve_peak, write_loss_plot
 from lmtrain.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
@@ -303,11 +312,14 @@ def evaluate(
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)
+    ticker = Ticker()  # a pass over a large split takes long enough to look like a hang without a line
     for i, batch in enumerate(loader):
         if i >= max_batches:
             break
         total[0] += float(loss_sum(model, batch, device, amp, loss_chunk))
         total[1] += int((batch["labels"] != IGNORE_INDEX).sum())
+        if ticker.due():
+            logger.info("validation: %d batches in %.0f s", i + 1, ticker.elapsed())
     model.train(was_training)
     total = all_reduce_sum(total)
     return float(total[0] / total[1]) if total[1] > 0 else None
@@ -638,7 +650,9 @@ def start_metrics(run: Run, hooks: StepHooks | None) -> None:
     """FLOPs per token and the MFU peak (logged with the model size), metric sinks, hooks, progress bar."""
     cfg, env = run.cfg, run.env
     run.fpt = model_flops_per_token(run.args, cfg.data.sequence_length)
-    run.peak = resolve_peak(run.device, compute_dtype(cfg.precision), cfg.logging.peak_tflops, log=logger.info)
+    run.peak = resolve_peak(
+        run.device, compute_dtype(cfg.precision), cfg.logging.peak_tflops, log=logger.info
+    )
     logger.info(
         "model %s: %.2fM parameters, %.3g GFLOP/token; MFU peak %.4g TFLOP/s per device (%s)",
         cfg.model.preset,
