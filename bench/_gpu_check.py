@@ -13,7 +13,7 @@ lmtrain's training step (`lmtrain.train.train_step`) on batches of 1 x seq token
   compile   seq 2048, fused AdamW, torch.compile    (students: 41.6%)
   seq4096   seq 4096, fused AdamW, eager            (students: 43.5%)
 Each records tokens/s, TFLOP/s, MFU (against lmtrain.metrics' peak for the device), peak allocated memory
-against lmtrain's estimate (`lmtrain params`' numbers: bf16 states + activations of the sequence), the
+against lmtrain's memory estimate (`lmtrain.memory`: live tensor bytes at the step's peak), the
 roofline bound of `lmtrain predict` for the same configuration, the top kernels by device time and the
 FFN GEMMs' achieved TFLOP/s (aten::mm calls with an ffn_hidden-sized dimension, from the profile).
 Writes gpu_check.json and gpu_check.md under --out ($OUT when set, else runs/gpu-check).
@@ -150,10 +150,10 @@ def top_kernels(prof, on_gpu: bool, top: int = 8) -> list[dict]:
 def run_config(name: str, opts, corpus: Path, device) -> dict:
     import torch
 
-    from lmtrain.accounting import memory_estimate
     from lmtrain.config import DataConfig, ModelConfig, OptimizerConfig
     from lmtrain.data import build_dataloader, resolve_tokenizer
     from lmtrain.hooks import StepHooks
+    from lmtrain.memory import estimate_training_memory
     from lmtrain.metrics import resolve_peak, synchronize
     from lmtrain.model import model_args_from_config
     from lmtrain.optim import build_optimizer
@@ -198,14 +198,18 @@ def run_config(name: str, opts, corpus: Path, device) -> dict:
     tokens_per_s = opts.steps * seq / seconds
     fpt = model_flops_per_token(args, seq)
     peak = resolve_peak(device, dtype, None)
-    estimate = memory_estimate(args, seq)["fp32" if opts.dry_run else "bf16"]
+    # Live tensor bytes at the step's peak, the figure max_memory_allocated measures.
+    estimate = estimate_training_memory(
+        args, batch_size=1, seq_len=seq, precision="fp32" if opts.dry_run else "bf16",
+        fused_optimizer=fused, device=device.type,
+    )  # fmt: skip
     result = {
         "config": name, "seq": seq, "fused": fused, "compile": compiled, "preset": preset,
         "steps": opts.steps, "warmup_s": warmup_s, "step_ms": 1e3 * seconds / opts.steps,
         "tokens_per_s": tokens_per_s, "tflops": fpt * tokens_per_s / 1e12,
         "mfu": fpt * tokens_per_s / (peak.tflops * 1e12), "peak_tflops": peak.tflops, "peak_source": peak.source,
         "loss_first": losses[0], "loss_last": losses[-1],
-        "estimate_gib": (estimate["states"] + estimate["activations_per_sequence"]) / 2**30,
+        "estimate_gib": estimate.peak / 2**30,
         "published_mfu": PUBLISHED_MFU.get(name),
     }  # fmt: skip
     if device.type == "cuda":
