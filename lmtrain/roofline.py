@@ -21,12 +21,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-import torch
-
 from lmtrain.accounting import count_parameters, flops_per_token
 from lmtrain.config import ModelConfig
 from lmtrain.errors import UserError
-from lmtrain.metrics import table_peak_tflops
+from lmtrain.hardware import PEAKS, device_peaks
 from lmtrain.model import PRESETS, TransformerModelArgs, model_args_from_config
 
 # --------------------------------------------------------------------------------------------------
@@ -44,25 +42,16 @@ class Device:
     """HBM bandwidth, bytes/s (datasheet)."""
 
 
-# key -> (label, name looked up in lmtrain.metrics.PEAK_TFLOPS, HBM bytes/s). The peaks come from the
-# trainer's MFU table, so that a predicted MFU and a logged one divide by the same number.
-_DEVICES: dict[str, tuple[str, str, float]] = {
-    "gh200": ("GH200 (96 GB HBM3)", "NVIDIA GH200", 4.0e12),
-    "h100-sxm": ("H100 SXM", "NVIDIA H100 SXM", 3.35e12),
-    "h100-pcie": ("H100 PCIe", "NVIDIA H100 PCIe", 2.0e12),
-    "h200": ("H200", "NVIDIA H200", 4.8e12),
-    "a100": ("A100 80 GB", "NVIDIA A100", 2.0e12),
-}
-
-
 def device(key: str) -> Device:
     """The roofline parameters of a GPU by key (gh200, h100-sxm, ...); a UserError lists the keys."""
-    if key.lower() not in _DEVICES:
-        raise UserError(f"--device {key!r}: unknown GPU; expected one of {', '.join(_DEVICES)}")
-    label, lookup, bandwidth = _DEVICES[key.lower()]
-    tflops = table_peak_tflops(lookup, torch.bfloat16)
-    assert tflops is not None, f"lmtrain.metrics.PEAK_TFLOPS has no bf16 peak for {lookup}"
-    return Device(key.lower(), label, tflops, bandwidth)
+    try:
+        peaks = device_peaks(key)
+    except UserError:
+        raise UserError(f"--device {key!r}: unknown GPU; expected one of {', '.join(PEAKS)}") from None
+    tflops = peaks.tflops("bf16")
+    if tflops is None:
+        raise UserError(f"--device {key!r}: the table has no bf16 peak for {peaks.label}")
+    return Device(key.lower(), peaks.label, tflops, peaks.bandwidth)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,7 +256,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lmtrain predict",
         description=__doc__.split("\n\n")[0],
-        epilog="Devices: " + ", ".join(_DEVICES) + ". Presets: " + ", ".join(PRESETS) + ".",
+        epilog="Devices: " + ", ".join(PEAKS) + ". Presets: " + ", ".join(PRESETS) + ".",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--preset", default="llama3-8b", help="model preset")

@@ -76,14 +76,14 @@ def test_device_peaks_come_from_the_trainer_table_with_the_datasheet_bandwidths(
     trainer_bf16 = {needles: peaks["bf16"] for needles, peaks in PEAK_TFLOPS}
     assert device("GH200").tflops == trainer_bf16[("GH200",)] == 989.0
     assert device("h100-pcie").tflops == trainer_bf16[("H100", "PCIE")] == 756.0
-    bandwidths = {"gh200": 4.0e12, "h100-sxm": 3.35e12, "h200": 4.8e12, "a100": 2.0e12}  # TB/s, datasheets
+    bandwidths = {"gh200": 4.0e12, "h100-sxm": 3.35e12, "h200": 4.8e12, "a100": 2.039e12}  # datasheets
     assert {key: device(key).bandwidth for key in bandwidths} == bandwidths
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--device", "b200"], "--device 'b200': unknown GPU; expected one of gh200"),
+        (["--device", "tpu-v5"], "--device 'tpu-v5': unknown GPU; expected one of v100-sxm2"),
         (["--preset", "llama3-70b"], "--preset 'llama3-70b': unknown; valid presets: llama3-8b"),
         (["--seq", "0"], "--seq and --batch must be >= 1"),
         (["--gemm-efficiency", "1.5"], "--gemm-efficiency must be in (0, 1]"),
