@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lmtrain.profiling import nsys_sqlite as ns  # noqa: E402
 from lmtrain.profiling.nsys_synth import write_export  # noqa: E402
+from lmtrain.rounds import compare  # noqa: E402
 from lmtrain.tools import nsys_gemm_report as report  # noqa: E402
 
 TARGET_S = 10.0
@@ -134,15 +135,19 @@ def nvtx_bench(ranges: int, baseline_ranges: int, rounds: int) -> None:
         verdict = "within" if statistics.median(walls) <= NVTX_TARGET_S else "OVER"
         print(f"--nvtx on {n_big:,} ranges: median {statistics.median(walls):.2f} s over {rounds} rounds "
               f"(min {min(walls):.2f}, max {max(walls):.2f}; {verdict} the {NVTX_TARGET_S:.0f} s target)")  # fmt: skip
-        wall_ratios, cpu_ratios = [], []
-        for _ in range(rounds):  # alternate the contenders
-            base_w, base_c = timed(per_range_parent_summary, small.path)
-            new_w, new_c = timed(one_pass_summary, small.path)
-            wall_ratios.append(base_w / new_w)
-            cpu_ratios.append(base_c / new_c)
-        print(f"on {n_small:,} ranges, per-range parent query / one pass: wall x{statistics.median(wall_ratios):.1f} "
-              f"(spread {min(wall_ratios):.1f}-{max(wall_ratios):.1f}), CPU x{statistics.median(cpu_ratios):.1f} "
-              f"(spread {min(cpu_ratios):.1f}-{max(cpu_ratios):.1f})")  # fmt: skip
+        result = compare(
+            {
+                "per-range parent query": lambda: per_range_parent_summary(small.path),
+                "one pass": lambda: one_pass_summary(small.path),
+            },
+            rounds=rounds,
+            unit="ranges",
+            warmup=0,
+        )
+        result.print_table(f"NVTX range summary on {n_small:,} ranges", baseline="per-range parent query")
+        print(
+            result.headline("one pass", "per-range parent query", "one pass / per-range parent query ratio")
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
