@@ -243,11 +243,13 @@ def fresh_checkout(tmp_path) -> Path:
 
 
 def make(checkout: Path, tmp_path: Path, *targets: str, timeout=900):
+    """`make TARGET` as a user's shell runs it: a top-level make, even when the suite itself runs under
+    `make test` (whose MAKELEVEL would make it print `make[1]: ***`)."""
     venv = Path(sys.executable).parent.parent
+    env = {k: v for k, v in env_with_index(tmp_path).items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     return subprocess.run(
         ["make", "-s", *targets, f"STAMP={tmp_path / 'stamp'}"], cwd=checkout, capture_output=True,
-        text=True, timeout=timeout,
-        env={**env_with_index(tmp_path), "VIRTUAL_ENV": str(venv), "PYTHONPATH": str(checkout)},
+        text=True, timeout=timeout, env={**env, "VIRTUAL_ENV": str(venv), "PYTHONPATH": str(checkout)},
     )  # fmt: skip
 
 
