@@ -273,10 +273,16 @@ def test_random_sigkills_then_resume_reproduce_the_uninterrupted_run(stdlib_corp
     """SIGKILL at random moments (half of them while a checkpoint is being written), resume each time: the
     run ends with the same losses as an uninterrupted one, each step logged once, no temporary left."""
     steps = 10
+    # A model of about 1.7M parameters: its checkpoint (with AdamW's moments, ~20 MB) takes long enough
+    # to write that the poll below sees the temporary file; the tiny model's is written in under 1 ms.
+    wider = ["--model.dim", "256", "--model.n_layers", "2", "--model.n_heads", "4", "--model.n_kv_heads", "2",
+             "--model.multiple_of", "256"]  # fmt: skip
     reference = tmp_path / "reference"
-    run(tiny_args(stdlib_corpus, reference, steps, "--checkpoint.interval", "1"))
+    run(tiny_args(stdlib_corpus, reference, steps, "--checkpoint.interval", "1", *wider))
     out = tmp_path / "run"
-    argv = tiny_args(stdlib_corpus, out, steps, "--checkpoint.interval", "1", "--checkpoint.resume", "auto")
+    argv = tiny_args(
+        stdlib_corpus, out, steps, "--checkpoint.interval", "1", "--checkpoint.resume", "auto", *wider
+    )
     during_save = 0
     for how, delay in kill_plan(seed=2, kills=4):
         proc = subprocess.Popen([sys.executable, "-m", "lmtrain.train", *argv], cwd=REPO,
