@@ -33,7 +33,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lmtrain.data.sources import current_umask, write_token_file
+from lmtrain.atomic import share_directory
+from lmtrain.data.sources import write_token_file
 from lmtrain.data.tokenizers import (
     BOS,
     SPECIAL_TOKENS,
@@ -42,8 +43,8 @@ from lmtrain.data.tokenizers import (
     tokenizer_fingerprint,
 )
 from lmtrain.errors import UserError
-from lmtrain.runlock import DirectoryLock
 from lmtrain.log import Ticker
+from lmtrain.runlock import DirectoryLock
 
 ROWS_PER_GROUP = 1024
 MAX_REPORTED_LINES = 5
@@ -387,7 +388,7 @@ def _prepare_locked(args: argparse.Namespace, out: Path, progress: bool | None) 
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp creates 0700; the corpus is meant to be shared
+    share_directory(tmp)  # mkdtemp creates 0700; the corpus is meant to be shared
     try:
         info = _build(args, docs, stats, tmp, recorded, progress, time)
         _swap_into_place(tmp, out)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from lmtrain.atomic import shared_file_mode
 from lmtrain.errors import UserError
 
 TOKENS_SUFFIX, OFFSETS_SUFFIX, META_SUFFIX = ".tokens.bin", ".offsets.npy", ".tokens.json"
@@ -27,17 +28,11 @@ def atomic_write_bytes(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give the usual permissions
+        os.chmod(tmp, shared_file_mode())  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _encode(tokenizer, texts: list[str]) -> list[np.ndarray]:
