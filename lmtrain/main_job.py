@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
+from lmtrain.atomic import atomic_write_text
 from lmtrain.errors import UserError
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "tiny-cpu.yaml"
@@ -120,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = train(cfg)
     run_dir = Path(summary["run_dir"])
     summary["unigram_entropy"] = entropy
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, run_dir / "summary.json")
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 
     print()
     for line in closing_lines(summary, entropy, len(tokenizer), time.perf_counter() - job_start):
