@@ -38,6 +38,9 @@ import torch.nn.functional as F
 from lmtrain.errors import UserError
 from lmtrain.losses import DEFAULT_CHUNK, lm_loss_sum
 from lmtrain.nvtx import attention_range, linear_range, nvtx_range
+from lmtrain.nvtx import enabled as nvtx_enabled
+
+_NO_RANGE = contextlib.nullcontext()
 
 
 def _range(name: str, x=None, linear=None, keys=None):
@@ -46,8 +49,8 @@ def _range(name: str, x=None, linear=None, keys=None):
     and the compiled kernels no longer map onto these modules anyway. Given a `linear` layer and its input
     `x`, or attention's queries `x` and `keys`, the range text carries the GEMM's shape (only computed
     while ranges are enabled)."""
-    if torch.compiler.is_compiling():
-        return contextlib.nullcontext()
+    if not nvtx_enabled() or torch.compiler.is_compiling():
+        return _NO_RANGE  # the common case first: a decode step opens ~60 of these per token
     if linear is not None:
         return linear_range(name, x, linear)
     if keys is not None:
@@ -222,6 +225,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # The same arithmetic as below, in one call instead of seven ops (bit-identical in fp32):
+            # a decoded token runs 2 * n_layers + 1 norms on one row each, where op overhead dominates.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Statistics in fp32 even for bf16 activations: the mean of squares loses too much in bf16.
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -259,7 +266,17 @@ def rope_tables(head_dim: int, seq_len: int, theta: float, device=None) -> tuple
     return angles.cos(), angles.sin()
 
 
-def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope_rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """e^(i*angle) as one complex (T, 1, hd/2) tensor (broadcast over heads) for eager mode, built once
+    per forward pass and shared by every layer's q and k; None under torch.compile (the real form)."""
+    if torch.compiler.is_compiling():
+        return None
+    return torch.complex(cos.float(), sin.float())[:, None]
+
+
+def apply_rotary_emb(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotation: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rotate consecutive channel pairs (0,1), (2,3), ... of every head: x is (B, T, H, hd).
 
     This is Meta's `view_as_complex` on pairs followed by a multiplication with e^(i*angle):
@@ -273,7 +290,8 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     xf = x if x.dtype == torch.float32 else x.float()  # no op at all in fp32: decoding counts ops
     pairs = xf.unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
     if not torch.compiler.is_compiling():
-        rotation = torch.complex(cos.float(), sin.float())[:, None]  # (T, 1, hd/2): over batch and heads
+        if rotation is None:
+            rotation = rope_rotation(cos, sin)  # (T, 1, hd/2): over batch and heads
         rotated = torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2)  # (B, T, H, hd)
         return rotated if rotated.dtype == x.dtype else rotated.type_as(x)
     cos = cos[None, :, None, :]  # (1, T, 1, hd/2): broadcast over batch and heads
@@ -353,22 +371,31 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        # While decoding on CPU (`lmtrain.generate.decode_layout`): wq, wk and wv as one weight, of which
+        # their own weights are row slices, so that a token's three projections are one product.
+        self.wqkv: torch.Tensor | None = None
 
     def forward(
         self,
         x: torch.Tensor,  # (B, T, C)
-        rope: tuple[torch.Tensor, torch.Tensor] | None,  # cos, sin: (T, hd/2) each
+        rope: tuple | None,  # cos, sin: (T, hd/2) each, and their complex rotation (or None)
         mask: torch.Tensor | None,  # (B or 1, 1, T, S) bool, True = may attend; None = plain causal
         cache: KVCache | None = None,
         start_pos: int = 0,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        with _range("Attention/wq", x, self.wq):
-            q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
-        with _range("Attention/wk", x, self.wk):
-            k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
-        with _range("Attention/wv", x, self.wv):
-            v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
+        if self.wqkv is not None:
+            kv = self.n_kv_heads * self.head_dim
+            q, k, v = F.linear(x, self.wqkv).split((self.n_heads * self.head_dim, kv, kv), dim=-1)
+            q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
+            k, v = k.view(B, T, self.n_kv_heads, self.head_dim), v.view(B, T, self.n_kv_heads, self.head_dim)
+        else:
+            with _range("Attention/wq", x, self.wq):
+                q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
+            with _range("Attention/wk", x, self.wk):
+                k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
+            with _range("Attention/wv", x, self.wv):
+                v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         if self.use_rope:
             assert rope is not None
             q, k = apply_rotary_emb(q, *rope), apply_rotary_emb(k, *rope)
@@ -378,6 +405,8 @@ class Attention(nn.Module):
         with _range("Attention/sdpa", q, keys=k):
             out = grouped_attention(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, H, T, hd)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, C)
+        if self.wqkv is not None:
+            return F.linear(out, self.wo.weight)  # decoding: plain products, no module call per token
         with _range("Attention/wo", out, self.wo):
             return self.wo(out)
 
@@ -395,8 +424,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w13: torch.Tensor | None = None  # w1 and w3 as one weight while decoding (see Attention.wqkv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        if self.w13 is not None:
+            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)  # (B, T, hidden) each
+            return F.linear(F.silu(gate) * up, self.w2.weight)
         with _range("FeedForward/w1", x, self.w1):
             gate = F.silu(self.w1(x))  # (B, T, hidden)
         with _range("FeedForward/w3", x, self.w3):
@@ -462,16 +495,20 @@ class TransformerBlock(nn.Module):
         # Identity when off: no random numbers drawn, so training stays bit-for-bit deterministic.
         self.resid_dropout = nn.Dropout(args.dropout) if args.dropout > 0 else nn.Identity()
 
+    def _drop(self, branch: torch.Tensor) -> torch.Tensor:
+        # Dropout acts in training only; skipping the module call in eval saves a decode step 2 calls a layer.
+        return self.resid_dropout(branch) if self.training else branch
+
     def forward(self, x, rope, mask, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
         if self.parallel:
             attn = self.attention(self.attention_norm(x), rope, mask, cache, start_pos)  # (B, T, C)
             ffn = self.feed_forward(self.ffn_norm(x))  # (B, T, C), from x, not from x + attn
-            return x + self.resid_dropout(attn) + self.resid_dropout(ffn)
+            return x + self._drop(attn) + self._drop(ffn)
         if self.post_norm:
-            h = self.attention_norm(x + self.resid_dropout(self.attention(x, rope, mask, cache, start_pos)))
-            return self.ffn_norm(h + self.resid_dropout(self.feed_forward(h)))  # (B, T, C)
-        h = x + self.resid_dropout(self.attention(self.attention_norm(x), rope, mask, cache, start_pos))
-        return h + self.resid_dropout(self.feed_forward(self.ffn_norm(h)))  # (B, T, C)
+            h = self.attention_norm(x + self._drop(self.attention(x, rope, mask, cache, start_pos)))
+            return self.ffn_norm(h + self._drop(self.feed_forward(h)))  # (B, T, C)
+        h = x + self._drop(self.attention(self.attention_norm(x), rope, mask, cache, start_pos))
+        return h + self._drop(self.feed_forward(self.ffn_norm(h)))  # (B, T, C)
 
 
 class Transformer(nn.Module):
@@ -540,7 +577,8 @@ class Transformer(nn.Module):
             h = h + self.pos_embeddings(positions)  # (B, T, C) + (T, C)
         rope = None
         if self.args.pos == "rope":
-            rope = (self.freqs_cos[start_pos : start_pos + T], self.freqs_sin[start_pos : start_pos + T])
+            cos, sin = self.freqs_cos[start_pos : start_pos + T], self.freqs_sin[start_pos : start_pos + T]
+            rope = (cos, sin, rope_rotation(cos, sin))  # the complex form once, not per layer
         mask = self._attention_mask(tokens, doc_ids, start_pos)
         for i, layer in enumerate(self.layers):
             with _range(f"layers.{i}"):

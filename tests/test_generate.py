@@ -229,12 +229,38 @@ def test_decode_layout_is_column_major_inside_and_row_major_after():
     with decode_layout(model):
         w = model.output.weight
         assert w.shape == (61, 64) and w.stride() == (1, 61)  # (out, in) stored as its transpose
-        w1 = model.layers[0].feed_forward.w1.weight
-        assert w1.stride() == (1, w1.shape[0])
+        ffn, attention = model.layers[0].feed_forward, model.layers[0].attention
+        hidden = ffn.w1.weight.shape[0]
+        # w1 and w3 are the two row halves of one column-major (2 hidden, in) weight
+        assert ffn.w13.shape == (2 * hidden, 64) and ffn.w13.stride() == (1, 2 * hidden)
+        assert ffn.w1.weight.data_ptr() == ffn.w13.data_ptr()
+        assert torch.equal(ffn.w3.weight, ffn.w13[hidden:])
+        assert attention.wqkv.shape[0] == sum(
+            getattr(attention, n).weight.shape[0] for n in ("wq", "wk", "wv")
+        )
+        assert torch.equal(attention.wv.weight, before["layers.0.attention.wv.weight"])
         assert torch.equal(w, before["output.weight"])
+        assert model.layers[0].attention.wo.weight.stride() == (1, 64)
+    assert ffn.w13 is None and attention.wqkv is None
     after = model.state_dict()
     assert all(after[k].is_contiguous() and torch.equal(after[k], before[k]) for k in before)
     assert [p for _, p in model.named_parameters()] == params  # the same Parameter objects
+
+
+@pytest.mark.parametrize("overrides", [{}, {"parallel_block": True}, {"norm_position": "post", "n_kv_heads": 4}])
+def test_decode_layout_forward_matches_the_training_layout(overrides):
+    """The fused projections and plain products of the decode layout compute the same function."""
+    from lmtrain.generate import decode_layout
+
+    model = make_model(**overrides)
+    tokens = torch.randint(0, 61, (2, 12))
+    with torch.no_grad():
+        reference = model(tokens)
+        with decode_layout(model):
+            cache = model.new_kv_cache(2)
+            prefill = model(tokens[:, :9], cache=cache)
+            steps = [model(tokens[:, t : t + 1], cache=cache, start_pos=t) for t in range(9, 12)]
+    torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), reference, rtol=1e-5, atol=1e-5)
 
 
 def test_decode_layout_is_restored_when_decoding_fails():
