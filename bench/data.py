@@ -4,8 +4,9 @@
 
 Runs on the stdlib corpus (built with `lmtrain prepare --pretokenize` into --cache if absent, then
 reused), in the main process (num_workers=0) so that the three pipelines are compared like for like.
-The pipelines alternate in rounds of --batches batches each (`lmtrain.rounds`), so that a busy machine
-slows them alike. The last line is the ratio of packed-from-parquet to the padded baseline, with its
+The pipelines alternate in rounds (`lmtrain.rounds`), so that a busy machine slows them alike; in a
+round each reads --batches batches at a time for at least --min-seconds (a packed pre-tokenized batch
+takes well under a millisecond, which a single preemption would double). The last line is the ratio of packed-from-parquet to the padded baseline, with its
 spread over rounds and its CPU-time ratio.
 """
 
@@ -19,7 +20,7 @@ from lmtrain.config import DataConfig
 from lmtrain.data import build_dataloader, load_tokenizer
 from lmtrain.data.prepare import parse_args, prepare
 from lmtrain.errors import UserError
-from lmtrain.rounds import compare
+from lmtrain.rounds import at_least, compare
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,9 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batches", type=int, default=8, help="batches per pipeline and round")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds")
+    p.add_argument("--min-seconds", type=float, default=0.5, help="time per pipeline and round (default 0.5)")
     args = p.parse_args(argv)
     if args.batches < 1 or args.rounds < 1:
         raise UserError(f"--batches and --rounds must be >= 1, got {args.batches} and {args.rounds}")
+    if not args.min_seconds > 0:
+        raise UserError(f"--min-seconds must be > 0, got {args.min_seconds}")
     cache = Path(args.cache + (f"-{args.max_documents}" if args.max_documents else ""))
     prep = ["--source", "stdlib", "--out", str(cache), "--tokenizer", args.tokenizer, "--pretokenize"]
     if args.max_documents:
@@ -71,8 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         "packed (pretokenized)": DataConfig(dataset=str(cache), pipeline="packed", **shape),
     }
     counts = {name: {"tokens": 0, "useful": 0} for name in runs}
-    contenders = {name: pipeline(cfg, tokenizer, args.batches, counts[name]) for name, cfg in runs.items()}
-    print(f"B={args.batch_size} T={args.sequence_length}, {args.batches} batches per round, num_workers=0")
+    contenders = {
+        name: at_least(pipeline(cfg, tokenizer, args.batches, counts[name]), args.min_seconds)
+        for name, cfg in runs.items()
+    }
+    print(
+        f"B={args.batch_size} T={args.sequence_length}, {args.batches}-batch runs for >= {args.min_seconds} s "
+        "per pipeline and round, num_workers=0"
+    )
     result = compare(contenders, rounds=args.rounds, unit="token")  # warm-up: file opening, first batch
     result.print_table("useful tokens/s", baseline="padded (parquet)")
     for name, c in counts.items():

@@ -1,6 +1,6 @@
 """Greedy decoding speed: lmtrain cached vs recompute vs a minimal static-cache loop vs transformers.
 
-lmtrain bench generate [--new-tokens 512] [--prompt-tokens 16] [--rounds 3] [--threads 0] [--device cpu]
+lmtrain bench generate [--new-tokens 512] [--prompt-tokens 16] [--rounds 5] [--threads 0] [--device cpu]
 
 Four contenders decode greedily from the same randomly initialised tiny model, in alternating rounds
 (`lmtrain.rounds`): lmtrain's `generate` with its key/value cache, the same without a cache (the whole
@@ -142,7 +142,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--vocab-size", type=int, default=32000, help="(default 32000)")
     parser.add_argument("--preset", default="tiny", help="model preset (default tiny)")
     parser.add_argument("--device", default="cpu", help="(default cpu)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's default)")
     opts = parser.parse_args(argv)
     if opts.threads:

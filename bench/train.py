@@ -1,6 +1,6 @@
 """Training-step throughput: lmtrain against transformers' LlamaForCausalLM and a nanoGPT-style GPT.
 
-    lmtrain bench train --steps 3 --rounds 5
+    lmtrain bench train --steps 1 --rounds 15
 
 lmtrain and transformers run the tiny shapes (4 layers, dim 256, 4 heads with 2 key/value heads,
 SwiGLU 768, vocab 8192); the GPT follows nanoGPT's published design at the same width, depth and
@@ -208,8 +208,8 @@ def loop_overhead(steps: int) -> tuple[float, str]:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="lmtrain bench train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=3, help="timed steps per contender and round")
-    p.add_argument("--rounds", type=int, default=5, help="alternating rounds")
+    p.add_argument("--steps", type=int, default=1, help="timed steps per contender and round (default 1)")
+    p.add_argument("--rounds", type=int, default=15, help="alternating rounds (default 15)")
     p.add_argument("--overhead-steps", type=int, default=12, help="steps of the real loop for the overhead")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's default)")
     a = p.parse_args(argv)

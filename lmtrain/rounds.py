@@ -89,6 +89,9 @@ class RoundsResult:
 
     def round_ratios(self, name: str, baseline: str) -> list[float]:
         """Rate of `name` over rate of `baseline`, round by round (both measured in the same round)."""
+        for n in (name, baseline):
+            if n not in self.samples:
+                raise ValueError(f"no contender named {n!r}; the contenders are {', '.join(self.order)}")
         return [a.rate / b.rate for a, b in zip(self.samples[name], self.samples[baseline], strict=True)]
 
     def ratio(self, name: str, baseline: str) -> tuple[float, float, float]:
@@ -150,6 +153,26 @@ def _si(x: float) -> str:
         if abs(x) >= scale:
             return f"{x / scale:.3g}{prefix}"
     return f"{x:.3g}"
+
+
+def at_least(contender: Callable[[], float], seconds: float, clock: Callable[[], float] = time.perf_counter):
+    """A contender that repeats `contender` until `seconds` have passed, returning the units of all runs.
+
+    A contender that finishes in a millisecond is timed mostly by the scheduler's noise: one preemption
+    doubles it. Repeating it up to a fixed time per round gives every contender a measurement of about
+    the same length, whatever its speed.
+    """
+    if seconds <= 0:
+        raise ValueError(f"seconds must be > 0, got {seconds}")
+
+    def run() -> float:
+        start, units = clock(), 0.0
+        while True:
+            units += contender()
+            if clock() - start >= seconds:
+                return units
+
+    return run
 
 
 def rotated(order: list[str], round_index: int) -> list[str]:

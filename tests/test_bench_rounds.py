@@ -106,3 +106,22 @@ def test_bad_arguments():
         compare({}, rounds=1)
     with pytest.raises(ValueError, match="reported 0 units"):
         compare({"a": m.work("a", 0.1, 0)}, rounds=1, warmup=0, warn=lambda _: None)
+    result = compare({"a": m.work("a", 0.1, 1)}, rounds=1, warmup=0, clock=lambda: m.wall,
+                     cpu_clock=lambda: m.cpu, warn=lambda _: None)  # fmt: skip
+    with pytest.raises(ValueError, match="no contender named 'b'; the contenders are a"):
+        result.ratio("a", "b")
+
+
+def test_at_least_repeats_a_fast_contender_up_to_the_time_and_sums_its_units():
+    from lmtrain.rounds import at_least
+
+    m = FakeMachine()
+    fast = at_least(m.work("fast", 0.001, 10), seconds=0.05, clock=lambda: m.wall)
+    slow = at_least(m.work("slow", 0.2, 10), seconds=0.05, clock=lambda: m.wall)
+    assert fast() == pytest.approx(500, abs=10) and m.log.count("fast") == pytest.approx(50, abs=1)
+    assert slow() == 10 and m.log.count("slow") == 1  # a slow contender still runs exactly once
+    result = compare({"fast": fast, "slow": slow}, rounds=3, clock=lambda: m.wall, cpu_clock=lambda: m.cpu,
+                     warn=lambda _: None)  # fmt: skip
+    assert result.ratio("fast", "slow")[0] == pytest.approx(200, rel=0.05)  # rates, not run counts
+    with pytest.raises(ValueError, match="seconds must be > 0"):
+        at_least(fast, 0)

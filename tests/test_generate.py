@@ -247,7 +247,9 @@ def test_decode_layout_is_column_major_inside_and_row_major_after():
     assert [p for _, p in model.named_parameters()] == params  # the same Parameter objects
 
 
-@pytest.mark.parametrize("overrides", [{}, {"parallel_block": True}, {"norm_position": "post", "n_kv_heads": 4}])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"parallel_block": True}, {"norm_position": "post", "n_kv_heads": 4}]
+)
 def test_decode_layout_forward_matches_the_training_layout(overrides):
     """The fused projections and plain products of the decode layout compute the same function."""
     from lmtrain.generate import decode_layout
