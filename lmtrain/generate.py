@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from lmtrain.errors import UserError
-from lmtrain.model import Transformer, TransformerModelArgs, clean_state_dict_keys
+from lmtrain.model import Attention, FeedForward, Transformer, TransformerModelArgs, clean_state_dict_keys
 
 # --------------------------------------------------------------------------------------------------
 # Sampling
@@ -80,12 +80,19 @@ def _fuse_rows(linears: list[nn.Linear]) -> torch.Tensor:
     return stacked
 
 
+def _blocks(threads: int, *out_features: int) -> int:
+    """Column blocks for `decode_linear`: one per thread, where every weight's outputs divide evenly."""
+    if threads > 1 and all(n % threads == 0 for n in out_features):
+        return threads
+    return 1
+
+
 @contextlib.contextmanager
 def decode_layout(model: nn.Module):
     """On CPU, lay the weights out for one-token products while decoding; restore them afterwards.
 
     A single-token step multiplies one row vector by each weight, which is bound by reading the weight
-    and by per-product overhead. Two changes, both measured on this CPU path:
+    and by per-product overhead. Three changes, each measured on this CPU path:
 
     - Column-major weights. With nn.Linear's (out, in) row-major layout, CPU BLAS runs a vector product
       at a fraction of memory bandwidth; with the same (out, in) tensor stored column-major (the
@@ -97,20 +104,23 @@ def decode_layout(model: nn.Module):
       CPU the products themselves gain ~4%; the rest is per-call overhead: the tiny preset's decode
       step goes from 843 to 747 aten ops, and one token's forward from 15% to ~5% slower than a
       hand-written loop without modules (`lmtrain bench generate` compares the two).
+    - One block of columns per thread (`lmtrain.model.decode_linear`): a one-row product runs on all
+      of torch's threads instead of one, where every output size divides by the thread count.
 
     Values and shapes of every parameter are unchanged and the storage is swapped in place (one
     matrix extra at a time, not a second copy of the model), so logits differ only by summation order.
     On GPUs the layout is left as it is: cuBLAS has kernels for both operand orders, and no GPU
     measurement here says that a copy would pay.
     """
-    from lmtrain.model import Attention, FeedForward
-
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears or linears[0].weight.device.type != "cpu":
         yield model
         return
     attentions = [m for m in model.modules() if isinstance(m, Attention)]
     swiglus = [m for m in model.modules() if isinstance(m, FeedForward)]
+    if any(m.wqkv is not None for m in attentions):  # already inside decode_layout: nothing to change
+        yield model
+        return
     with torch.no_grad():
         for m in attentions:
             m.wqkv = _fuse_rows([m.wq, m.wk, m.wv])
@@ -121,14 +131,24 @@ def decode_layout(model: nn.Module):
         for m in linears:
             if id(m) not in in_fused:
                 m.weight.data = m.weight.data.t().contiguous().t()  # same (out, in) tensor, column-major
+        threads = torch.get_num_threads()
+        for m in attentions:
+            m.blocks = _blocks(threads, m.wqkv.shape[0], m.wo.weight.shape[0])
+        for m in swiglus:
+            m.blocks = _blocks(threads, m.w13.shape[0], m.w2.weight.shape[0])
+        heads = [m for m in model.modules() if isinstance(m, Transformer)]
+        for m in heads:
+            m.output_blocks = _blocks(threads, m.output.weight.shape[0])
     try:
         yield model
     finally:
         with torch.no_grad():
             for m in attentions:
-                m.wqkv = None
+                m.wqkv, m.blocks = None, 1
             for m in swiglus:
-                m.w13 = None
+                m.w13, m.blocks = None, 1
+            for m in heads:
+                m.output_blocks = 1
             for m in linears:
                 m.weight.data = m.weight.data.contiguous()  # separate, row-major again for training
 

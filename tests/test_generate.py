@@ -265,6 +265,36 @@ def test_decode_layout_forward_matches_the_training_layout(overrides):
     torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("blocks", [1, 2, 4])
+def test_decode_linear_gives_the_bits_of_f_linear(blocks):
+    from lmtrain.model import decode_linear
+
+    weight = torch.randn(96, 40).t().contiguous().t()  # (out, in), column-major as decode_layout stores it
+    for x in (torch.randn(1, 1, 40), torch.randn(40), torch.randn(3, 5, 40)):  # a token, a vector, a prompt
+        assert torch.equal(decode_linear(x, weight, blocks), torch.nn.functional.linear(x, weight))
+    row_major = weight.contiguous()  # not the decode layout: plain F.linear
+    x = torch.randn(1, 1, 40)
+    assert torch.equal(decode_linear(x, row_major, blocks), torch.nn.functional.linear(x, row_major))
+
+
+def test_decode_layout_gives_one_column_block_per_thread_where_sizes_divide():
+    from lmtrain.generate import decode_layout
+
+    model, threads = make_model(), torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with decode_layout(model):
+            assert model.layers[0].attention.blocks == 2 and model.layers[0].feed_forward.blocks == 2
+            assert model.output_blocks == 1  # a vocabulary of 61 does not split in two
+            prompt = torch.randint(0, 61, (1, 5))
+            tokens = generate(model, prompt, 12, temperature=0)
+        assert model.layers[0].attention.blocks == 1 and model.output_blocks == 1
+        torch.set_num_threads(1)
+        assert torch.equal(generate(model, prompt, 12, temperature=0), tokens)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_decode_layout_is_restored_when_decoding_fails():
     from lmtrain.generate import decode_layout
 
