@@ -132,6 +132,16 @@ def gemm_range(name: str, m: int, n: int, k: int, batch: int = 1, dtype=None):
     return _Range(gemm_label(name, m, n, k, batch, _dtype_name(dtype)))
 
 
+def gemms_range(name: str, shapes: list[tuple[int, int, int]], dtype=None):
+    """nvtx_range() around several GEMMs, one `[gemm M=.. N=.. K=..]` group per (M, N, K) in `shapes`
+    (the form of a linear layer's backward range); free when disabled."""
+    if not _enabled:
+        return _NULL
+    dtype = _dtype_name(dtype)
+    first, *rest = shapes
+    return _Range(gemm_label(name, *first, 1, dtype) + "".join(gemm_label("", *s, 1, dtype) for s in rest))
+
+
 def linear_range(name: str, x, linear):
     """gemm_range() of an nn.Linear on `x`, `x @ W.T`: M = rows of x, N = out features, K = in features;
     with autograd recording, also the `NAME (backward)` range of its two gradient GEMMs (module docstring)."""

@@ -91,3 +91,22 @@ def test_model_forward_with_labels_matches_logits_then_cross_entropy():
     torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_head_gemms_get_nvtx_ranges_with_their_shapes(monkeypatch):
+    """The fused head + loss names its GEMMs like a linear layer: `output`, then `output (backward)`
+    with dX and dW, per chunk, so a trace attributes the head's kernels and FLOPs."""
+    import lmtrain.nvtx as nvtx
+    from lmtrain.nvtx import parse_gemm_labels
+
+    opened: list[str] = []
+    monkeypatch.setattr(nvtx, "_enabled", True)
+    monkeypatch.setattr(nvtx, "_push", opened.append)
+    monkeypatch.setattr(nvtx, "_pop", lambda: None)
+    h = torch.randn(10, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    lm_loss_sum(h, weight, torch.randint(0, 40, (10,)), chunk_size=4).backward()
+    parsed = [parse_gemm_labels(text) for text in opened]
+    assert [name for name, _ in parsed] == ["output", "output (backward)"] * 3  # chunks of 4, 4, 2 rows
+    assert parsed[0][1] == [(1, 4, 40, 16, "fp32")]  # logits: (c, C) @ (C, V)
+    assert parsed[5][1] == [(1, 2, 16, 40, "fp32"), (1, 40, 16, 2, "fp32")]  # dX (c, C), dW (V, C)
