@@ -39,6 +39,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import yaml
 
+from lmtrain.atomic import atomic_write_text
 from lmtrain.config import ConfigError, config_from_dict, config_to_dict, flatten_keys, load_yaml_with_bases
 from lmtrain.errors import UserError
 
@@ -386,11 +387,7 @@ def write_plan(runs: list[PlannedRun], out_dir: Path, study: Study) -> Path:
             for r in runs
         ],
     }
-    path = out_dir / "plan.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(out_dir / "plan.json", json.dumps(payload, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -524,9 +521,9 @@ def submit_array(
     with executor.batch():
         jobs = [executor.submit(TrainTask(p.plan.run_dir, list(p.plan.command))) for p in prepared]
     record = [{"run": p.plan.run_dir, "job_id": str(j.job_id)} for p, j in zip(prepared, jobs)]
-    tmp = out_dir / "jobs.json.tmp"
-    tmp.write_text(json.dumps({"cluster": cluster, "jobs": record}, indent=2) + "\n")
-    os.replace(tmp, out_dir / "jobs.json")
+    atomic_write_text(
+        out_dir / "jobs.json", json.dumps({"cluster": cluster, "jobs": record}, indent=2) + "\n"
+    )
     array_id = str(jobs[0].job_id).split("_")[0]
     log(f"submitted job array {array_id} ({len(jobs)} runs) on {cluster}; task logs in {out_dir}/submitit/")
     return jobs

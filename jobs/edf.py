@@ -31,6 +31,7 @@ from typing import Any
 import tomli_w
 import tomllib
 
+from lmtrain.atomic import atomic_write_text
 from lmtrain.errors import UserError
 
 FIELDS: dict[str, str] = {
@@ -298,10 +299,7 @@ def render_edf(
 
 
 def write_edf(data: Mapping[str, Any], path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(tomli_w.dumps(dict(data)).encode())
-    os.replace(tmp, path)
+    atomic_write_text(path, tomli_w.dumps(dict(data)))
 
 
 def main(argv: list[str] | None = None) -> int:

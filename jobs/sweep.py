@@ -44,6 +44,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lmtrain.atomic import atomic_write_text
 from lmtrain.errors import UserError
 
 SWEEPS: dict[str, list[str]] = {
@@ -341,9 +342,7 @@ def write_report(runs: list[SweepRun], out_dir: Path, size: str, log=print) -> P
             continue
         lines.append(f"- **{r.experiment}**: {explain(measured[r.experiment], base, singles)}")
     path = out_dir / "report.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines) + "\n")
     log(f"report: {path}")
     return path
 

@@ -25,6 +25,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from lmtrain.atomic import atomic_write_text
 from lmtrain.errors import UserError
 
 
@@ -668,11 +669,7 @@ def config_to_dict(cfg: TrainConfig) -> dict:
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically); it re-runs unchanged with `--config`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def load_config(path: str | os.PathLike) -> TrainConfig:

@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import yaml
 
+from lmtrain.atomic import atomic_savefig, atomic_write_text
 from lmtrain.config import flatten_keys
 from lmtrain.errors import UserError
 
@@ -405,10 +406,8 @@ def plot_curves(runs: list[Run], rows: list[VariantRow], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def render_markdown(rows: list[VariantRow], runs: list[Run], baseline: str, plot_name: str) -> str:
@@ -492,12 +491,6 @@ def print_table(rows: list[VariantRow], baseline: str) -> None:
     Console(width=max(Console().width, 140)).print(table)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def build_report(
     run_dirs: list[Path],
     out: Path,
@@ -523,7 +516,7 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     plot_curves(runs, rows, out / "nll.png")
     report = out / "report.md"
-    _atomic_write(report, render_markdown(rows, runs, baseline, "nll.png"))
+    atomic_write_text(report, render_markdown(rows, runs, baseline, "nll.png"))
     print_table(rows, baseline)
     return report
 
