@@ -1,12 +1,15 @@
 """Useful (non-ignored) tokens per second: padded baseline vs packed from parquet vs packed pre-tokenized.
 
-    lmtrain bench data --max-documents 400 --rounds 5
+    lmtrain bench data --max-documents 400 --rounds 5 --seconds 0.5
 
 Runs on the stdlib corpus (built with `lmtrain prepare --pretokenize` into --cache if absent, then
 reused), in the main process (num_workers=0) so that the three pipelines are compared like for like.
-The pipelines alternate in rounds (`lmtrain.rounds`), so that a busy machine slows them alike; in a
-round each reads --batches batches at a time for at least --min-seconds (a packed pre-tokenized batch
-takes well under a millisecond, which a single preemption would double). The last line is the ratio of packed-from-parquet to the padded baseline, with its
+The pipelines alternate in rounds (`lmtrain.rounds`), so that a busy machine slows them alike. In every
+round each pipeline reads the same batches, the first ones of a fresh loader with a fixed seed, as many
+as it read in --seconds during the warm-up (`lmtrain.rounds.same_work`): a packed pre-tokenized batch
+takes well under a millisecond, which one preemption would double, and padded batches cost more or
+less with the documents they hold, which would move the ratio from round to round. Each rate includes
+opening the loader. The last line is the ratio of packed-from-parquet to the padded baseline, with its
 spread over rounds and its CPU-time ratio.
 """
 
@@ -20,26 +23,25 @@ from lmtrain.config import DataConfig
 from lmtrain.data import build_dataloader, load_tokenizer
 from lmtrain.data.prepare import parse_args, prepare
 from lmtrain.errors import UserError
-from lmtrain.rounds import at_least, compare
+from lmtrain.rounds import compare, same_work
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def pipeline(cfg: DataConfig, tokenizer, batches: int, counts: dict):
-    """A contender: the next `batches` batches of an endless loader; returns their useful tokens and
-    adds both counts to `counts` (for the share of ignored positions)."""
-    loader = iter(build_dataloader(cfg, tokenizer, "train", seed=0))
+def pipeline(cfg: DataConfig, tokenizer, counts: dict):
+    """The work of one round: batches from a fresh loader (seed 0, so the same batches every round),
+    yielding each batch's useful tokens and adding both counts to `counts` (for the share of ignored
+    positions)."""
 
-    def run() -> int:
-        useful = 0
-        for _ in range(batches):
-            labels = next(loader)["labels"]
+    def batches():
+        for batch in build_dataloader(cfg, tokenizer, "train", seed=0):
+            labels = batch["labels"]
+            useful = int((labels != -100).sum())
             counts["tokens"] += labels.numel()
-            useful += int((labels != -100).sum())
-        counts["useful"] += useful
-        return useful
+            counts["useful"] += useful
+            yield useful
 
-    return run
+    return batches
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,14 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default="byte")
     p.add_argument("--sequence-length", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--batches", type=int, default=8, help="batches per pipeline and round")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds")
-    p.add_argument("--min-seconds", type=float, default=0.5, help="time per pipeline and round (default 0.5)")
+    p.add_argument("--seconds", type=float, default=0.5, help="time per pipeline and round (default 0.5)")
     args = p.parse_args(argv)
-    if args.batches < 1 or args.rounds < 1:
-        raise UserError(f"--batches and --rounds must be >= 1, got {args.batches} and {args.rounds}")
-    if not args.min_seconds > 0:
-        raise UserError(f"--min-seconds must be > 0, got {args.min_seconds}")
+    if args.rounds < 1 or not args.seconds > 0:
+        raise UserError(f"--rounds must be >= 1 and --seconds > 0, got {args.rounds} and {args.seconds}")
     cache = Path(args.cache + (f"-{args.max_documents}" if args.max_documents else ""))
     prep = ["--source", "stdlib", "--out", str(cache), "--tokenizer", args.tokenizer, "--pretokenize"]
     if args.max_documents:
@@ -76,14 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     counts = {name: {"tokens": 0, "useful": 0} for name in runs}
     contenders = {
-        name: at_least(pipeline(cfg, tokenizer, args.batches, counts[name]), args.min_seconds)
-        for name, cfg in runs.items()
+        name: same_work(pipeline(cfg, tokenizer, counts[name]), args.seconds) for name, cfg in runs.items()
     }
     print(
-        f"B={args.batch_size} T={args.sequence_length}, {args.batches}-batch runs for >= {args.min_seconds} s "
-        "per pipeline and round, num_workers=0"
+        f"B={args.batch_size} T={args.sequence_length}, num_workers=0; per pipeline and round the first "
+        f"batches of a fresh loader, as many as the warm-up read in {args.seconds} s"
     )
-    result = compare(contenders, rounds=args.rounds, unit="token")  # warm-up: file opening, first batch
+    result = compare(contenders, rounds=args.rounds, unit="token")  # the warm-up sizes each round
     result.print_table("useful tokens/s", baseline="padded (parquet)")
     for name, c in counts.items():
         print(f"{name:<22} ignored positions {1 - c['useful'] / c['tokens']:6.2%}")

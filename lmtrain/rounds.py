@@ -24,7 +24,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 
@@ -155,22 +155,33 @@ def _si(x: float) -> str:
     return f"{x:.3g}"
 
 
-def at_least(contender: Callable[[], float], seconds: float, clock: Callable[[], float] = time.perf_counter):
-    """A contender that repeats `contender` until `seconds` have passed, returning the units of all runs.
+def same_work(
+    start: Callable[[], Iterator[float]], seconds: float, clock: Callable[[], float] = time.perf_counter
+):
+    """A contender that does the same work in every round, about `seconds` long.
 
-    A contender that finishes in a millisecond is timed mostly by the scheduler's noise: one preemption
-    doubles it. Repeating it up to a fixed time per round gives every contender a measurement of about
-    the same length, whatever its speed.
+    `start()` begins the work afresh (a new data loader with a fixed seed, say) and yields the units of
+    each item it produces. The first call, the warm-up, takes items until `seconds` have passed and
+    remembers how many; every later call takes exactly that many from a fresh start. A contender that
+    finishes an item in a millisecond is then timed over many, so one preemption cannot double it, and
+    every round measures the same items, so a stream whose items differ in cost (documents of varying
+    length) cannot move the ratio from round to round.
     """
     if seconds <= 0:
         raise ValueError(f"seconds must be > 0, got {seconds}")
+    items: list[int] = []  # how many items a round takes, once the warm-up has measured it
 
     def run() -> float:
-        start, units = clock(), 0.0
-        while True:
-            units += contender()
-            if clock() - start >= seconds:
-                return units
+        units, taken, began = 0.0, 0, clock()
+        for units_of_item in start():
+            units, taken = units + units_of_item, taken + 1
+            if (items and taken == items[0]) or (not items and clock() - began >= seconds):
+                break
+        if not items:
+            items.append(taken)
+        elif taken < items[0]:
+            raise ValueError(f"the work ended after {taken} items; the first run took {items[0]}")
+        return units
 
     return run
 

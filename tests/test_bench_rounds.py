@@ -112,16 +112,33 @@ def test_bad_arguments():
         result.ratio("a", "b")
 
 
-def test_at_least_repeats_a_fast_contender_up_to_the_time_and_sums_its_units():
-    from lmtrain.rounds import at_least
+def test_same_work_sizes_the_work_once_then_repeats_exactly_that():
+    from lmtrain.rounds import same_work
 
     m = FakeMachine()
-    fast = at_least(m.work("fast", 0.001, 10), seconds=0.05, clock=lambda: m.wall)
-    slow = at_least(m.work("slow", 0.2, 10), seconds=0.05, clock=lambda: m.wall)
-    assert fast() == pytest.approx(500, abs=10) and m.log.count("fast") == pytest.approx(50, abs=1)
-    assert slow() == 10 and m.log.count("slow") == 1  # a slow contender still runs exactly once
-    result = compare({"fast": fast, "slow": slow}, rounds=3, clock=lambda: m.wall, cpu_clock=lambda: m.cpu,
-                     warn=lambda _: None)  # fmt: skip
-    assert result.ratio("fast", "slow")[0] == pytest.approx(200, rel=0.05)  # rates, not run counts
+    costs = [0.001 * (1 + i % 7) for i in range(10_000)]  # items of varying cost, always in this order
+    starts = []
+
+    def stream(name):
+        def start():
+            starts.append(name)
+            for cost in costs:
+                yield m.work(name, cost, 10)()
+
+        return start
+
+    fast = same_work(stream("fast"), seconds=0.2, clock=lambda: m.wall)
+    units = fast()  # the first call sizes the work: items until 0.2 s
+    assert m.wall == pytest.approx(0.2, abs=0.01) and units == 10 * m.log.count("fast")
+    m.load = 3.0  # a busier machine: the same items, so the same units, in three times the time
+    assert fast() == units and m.log.count("fast") == 2 * units / 10 and starts == ["fast", "fast"]
+    result = compare({"fast": fast, "slow": same_work(stream("slow"), 0.6, clock=lambda: m.wall)}, rounds=3,
+                     clock=lambda: m.wall, cpu_clock=lambda: m.cpu, warn=lambda _: None)  # fmt: skip
+    assert result.ratio("fast", "slow")[0] == pytest.approx(1.0, rel=0.05)  # the same items per second
     with pytest.raises(ValueError, match="seconds must be > 0"):
-        at_least(fast, 0)
+        same_work(stream("x"), 0)
+    lengths = iter([5, 2])  # a stream that is shorter the second time
+    short = same_work(lambda: iter([1.0] * next(lengths)), seconds=1e9)
+    assert short() == 5
+    with pytest.raises(ValueError, match="the work ended after 2 items; the first run took 5"):
+        short()

@@ -3,7 +3,10 @@
 import subprocess
 import sys
 
+import pytest
+
 from lmtrain.cli import SUBCOMMANDS, main
+from lmtrain.errors import UserError
 
 
 def test_help_lists_every_subcommand(capsys):
@@ -75,3 +78,10 @@ def test_benchmark_lists_agree(capsys):
     bench_main(["--help"])
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
     assert listed == names
+
+
+def test_batching_benchmark_refuses_a_headline_k_it_does_not_run():
+    from lmtrain.bench import main as bench_main
+
+    with pytest.raises(UserError, match="--headline-k 7 is not among --ks 1,5"):
+        bench_main(["batching", "--ks", "1,5", "--headline-k", "7", "--documents", "50"])
