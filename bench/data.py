@@ -1,16 +1,16 @@
 """Useful (non-ignored) tokens per second: padded baseline vs packed from parquet vs packed pre-tokenized.
 
-    lmtrain bench data --max-documents 400 --rounds 5 --seconds 0.5
+    lmtrain bench data --max-documents 400 --batches 32 --seconds 0.3 --rounds 5
 
 Runs on the stdlib corpus (built with `lmtrain prepare --pretokenize` into --cache if absent, then
 reused), in the main process (num_workers=0) so that the three pipelines are compared like for like.
 The pipelines alternate in rounds (`lmtrain.rounds`), so that a busy machine slows them alike. In every
-round each pipeline reads the same batches, the first ones of a fresh loader with a fixed seed, as many
-as it read in --seconds during the warm-up (`lmtrain.rounds.same_work`): a packed pre-tokenized batch
-takes well under a millisecond, which one preemption would double, and padded batches cost more or
-less with the documents they hold, which would move the ratio from round to round. Each rate includes
-opening the loader. The last line is the ratio of packed-from-parquet to the padded baseline, with its
-spread over rounds and its CPU-time ratio.
+round, and in every run, each pipeline reads the same batches: the first --batches of a fresh loader
+with a fixed seed, read again until --seconds have passed (`lmtrain.rounds.same_work`). Padded batches
+cost more or less with the documents they hold, which would otherwise move the rate with the batches a
+round happens to get, and a pass of packed pre-tokenized batches takes milliseconds, which one
+preemption would double. Each rate includes opening the loader. The last line is the ratio of
+packed-from-parquet to the padded baseline, with its spread over rounds and its CPU-time ratio.
 """
 
 from __future__ import annotations
@@ -51,11 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default="byte")
     p.add_argument("--sequence-length", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=int, default=32, help="batches of one pass (default 32)")
+    p.add_argument("--seconds", type=float, default=0.3, help="passes until this time (default 0.3)")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds")
-    p.add_argument("--seconds", type=float, default=0.5, help="time per pipeline and round (default 0.5)")
     args = p.parse_args(argv)
-    if args.rounds < 1 or not args.seconds > 0:
-        raise UserError(f"--rounds must be >= 1 and --seconds > 0, got {args.rounds} and {args.seconds}")
+    if args.rounds < 1 or args.batches < 1 or args.seconds < 0:
+        raise UserError(
+            f"--rounds and --batches must be >= 1 and --seconds >= 0, got {args.rounds}, {args.batches} "
+            f"and {args.seconds}"
+        )
     cache = Path(args.cache + (f"-{args.max_documents}" if args.max_documents else ""))
     prep = ["--source", "stdlib", "--out", str(cache), "--tokenizer", args.tokenizer, "--pretokenize"]
     if args.max_documents:
@@ -75,13 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     counts = {name: {"tokens": 0, "useful": 0} for name in runs}
     contenders = {
-        name: same_work(pipeline(cfg, tokenizer, counts[name]), args.seconds) for name, cfg in runs.items()
+        name: same_work(pipeline(cfg, tokenizer, counts[name]), args.batches, args.seconds)
+        for name, cfg in runs.items()
     }
     print(
         f"B={args.batch_size} T={args.sequence_length}, num_workers=0; per pipeline and round the first "
-        f"batches of a fresh loader, as many as the warm-up read in {args.seconds} s"
+        f"{args.batches} batches of a fresh loader, read again until {args.seconds} s have passed"
     )
-    result = compare(contenders, rounds=args.rounds, unit="token")  # the warm-up sizes each round
+    result = compare(contenders, rounds=args.rounds, unit="token")
     result.print_table("useful tokens/s", baseline="padded (parquet)")
     for name, c in counts.items():
         print(f"{name:<22} ignored positions {1 - c['useful'] / c['tokens']:6.2%}")

@@ -1,6 +1,6 @@
 """Step time of the doctor's example training scripts: the fixed versions against the planted ones, same run.
 
-    lmtrain bench doctor_examples --rounds 3 --steps 8
+    lmtrain bench doctor_examples --rounds 3 --steps 24
 
 Each round runs `examples/tiny_lm.py` and `examples/tiny_vit.py` once planted and once `--fixed`, in
 fresh processes (so torch.compile starts cold each time, as a user's run does), alternating which goes
@@ -40,7 +40,9 @@ def main(argv: list[str]) -> int:
         prog="lmtrain bench doctor_examples", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (planted and fixed each)")
-    parser.add_argument("--steps", type=int, default=8, help="training steps per run (the first two untimed)")
+    parser.add_argument(
+        "--steps", type=int, default=24, help="training steps per run, the first two untimed (default 24)"
+    )
     parser.add_argument("--examples", default="lm,vit", help="comma-separated: lm, vit")
     opts = parser.parse_args(argv)
     names = [n.strip() for n in opts.examples.split(",") if n.strip()]

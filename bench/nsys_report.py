@@ -1,11 +1,13 @@
-"""lmtrain bench nsys_report [--kernels 1000000] [--sample 5000] [--nvtx-ranges 17000 --rounds 3]
+"""lmtrain bench nsys_report [--kernels 1000000] [--sample 5000] [--rounds 3] [--nvtx-ranges 17000]
 
 Times the nsys GEMM report (SQL aggregation) on a synthetic export of about `--kernels` kernels (half of
 them GEMMs: forward ones under layers.N > FeedForward/wN > emit_nvtx op ranges, and twice as many
 backward ones on an autograd thread, under `MmBackward0, seq = N` ranges) against the 10 s target, and
 against a naive Python-loop baseline measured in the same run: every kernel row pulled into Python for
 the per-name totals, and one lookup query per GEMM kernel for its launch call and innermost NVTX ranges
-(timed on `--sample` GEMM kernels and extrapolated linearly to all of them).
+(timed on `--sample` GEMM kernels and extrapolated linearly to all of them). The two alternate in
+`--rounds` rounds; the speed-up is the median of the per-round ratios, with their spread and the
+CPU-time ratio.
 
 With `--nvtx-ranges N` it times the NVTX range summary (`--nvtx`) instead: on an export of about N ranges
 against the 3 s target, and in alternating rounds against the former per-range parent query (a
@@ -34,23 +36,25 @@ from lmtrain.tools import nsys_gemm_report as report  # noqa: E402
 TARGET_S = 10.0
 
 
-def sql_report(path: Path) -> tuple[float, dict]:
-    """The report exactly as `tools/nsys_gemm_report.py TRACE` computes it (without printing)."""
+def sql_report(path: Path) -> tuple[tuple[float, float], dict]:
+    """((wall s, CPU s), result) of the report exactly as `tools/nsys_gemm_report.py TRACE` computes it
+    (without printing)."""
     args = report.build_parser().parse_args([str(path)])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     export = ns.open_export(path)
     result = report.gemm_report(args, export)
-    elapsed = time.perf_counter() - t0
+    elapsed = (time.perf_counter() - t0, time.process_time() - c0)
     export.conn.close()
     # Per-name totals for the check against the baseline, outside the timing (the report keeps only the sum).
     totals = {r["name"]: (r["count"], r["total_ns"]) for r in report.kernel_totals(path)}
     return elapsed, {"totals": totals, "gemm": result["gemm_kernels"], "groups": result["groups"]}
 
 
-def naive_report(path: Path, sample: int) -> tuple[float, float, dict, int]:
-    """(seconds for the totals loop, estimated seconds for all GEMM lookups, totals, GEMM count)."""
+def naive_report(path: Path, sample: int) -> tuple[float, float, float, dict, int]:
+    """(seconds for the totals loop, estimated seconds for all GEMM lookups, estimated CPU seconds of
+    both, totals, GEMM count)."""
     conn = sqlite3.connect(path)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     names = dict(conn.execute("SELECT id, value FROM StringIds"))
     totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     gemms = []
@@ -62,12 +66,12 @@ def naive_report(path: Path, sample: int) -> tuple[float, float, dict, int]:
         totals[name][1] += end - start
         if ns.is_gemm(name):
             gemms.append(corr)
-    t_totals = time.perf_counter() - t0
+    t_totals, c_totals = time.perf_counter() - t0, time.process_time() - c0
     # Per-kernel lookups (indexes created first, outside the timing, to be fair to the baseline).
     conn.execute("CREATE INDEX IF NOT EXISTS rt_corr ON CUPTI_ACTIVITY_KIND_RUNTIME (correlationId)")
     conn.execute("CREATE INDEX IF NOT EXISTS nv_tid ON NVTX_EVENTS (globalTid, start)")
     subset = gemms[:sample]
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     per_range: dict[str, int] = defaultdict(int)
     for corr in subset:
         tid, rs, re_ = conn.execute(
@@ -79,9 +83,10 @@ def naive_report(path: Path, sample: int) -> tuple[float, float, dict, int]:
         ).fetchall()
         user = next((t for (t,) in enclosing if ", op_id = " not in t), None)
         per_range[user] += 1
-    t_lookup = (time.perf_counter() - t1) * len(gemms) / max(len(subset), 1)
+    scale = len(gemms) / max(len(subset), 1)
+    t_lookup, c_lookup = (time.perf_counter() - t1) * scale, (time.process_time() - c1) * scale
     conn.close()
-    return t_totals, t_lookup, {k: tuple(v) for k, v in totals.items()}, len(gemms)
+    return t_totals, t_lookup, c_totals + c_lookup, {k: tuple(v) for k, v in totals.items()}, len(gemms)
 
 
 NVTX_TARGET_S = 3.0
@@ -160,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--baseline-ranges", type=int, default=4_000, help="ranges for the --nvtx baseline comparison"
     )
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     args = p.parse_args(argv)
+    if args.rounds < 1 or args.sample < 1:
+        p.error(f"--rounds and --sample must be >= 1, got {args.rounds} and {args.sample}")
     if args.nvtx_ranges:
         nvtx_bench(args.nvtx_ranges, args.baseline_ranges, args.rounds)
         return 0
@@ -173,19 +180,35 @@ def main(argv: list[str] | None = None) -> int:
                              hidden=14336, with_sizes=True, backward=True)  # fmt: skip
         print(f"synthetic export: {synth.kernels:,} kernels ({synth.gemm_kernels:,} GEMMs), "
               f"{synth.path.stat().st_size / 1e6:.0f} MB, built in {time.perf_counter() - t0:.1f} s")  # fmt: skip
-        sql_s, sql = sql_report(synth.path)
-        assert sql["gemm"] == synth.gemm_kernels
+        # The report and the naive loop alternate in rounds (which goes first alternates too), so that a
+        # busy machine slows both alike; the ratio is taken within each round.
+        sql_runs, naive_runs = [], []
+        for r in range(args.rounds):
+            for naive_first in (r % 2 == 1, r % 2 == 0):
+                if naive_first:
+                    t_totals, t_lookup, naive_cpu, naive_totals, naive_gemm = naive_report(
+                        synth.path, args.sample
+                    )
+                    naive_runs.append((t_totals + t_lookup, naive_cpu))
+                else:
+                    (sql_s, sql_cpu), sql = sql_report(synth.path)
+                    sql_runs.append((sql_s, sql_cpu))
+            assert sql["gemm"] == synth.gemm_kernels
+            assert naive_totals == sql["totals"] and naive_gemm == sql["gemm"], "baseline and report disagree"
+            print(f"  round {r + 1}: SQL report {sql_runs[-1][0]:.2f} s, naive loop {t_totals:.2f} s totals + "
+                  f"{t_lookup:.1f} s lookups = {naive_runs[-1][0]:.1f} s (lookups timed on "
+                  f"{min(args.sample, naive_gemm):,} of {naive_gemm:,} GEMMs, extrapolated)", flush=True)  # fmt: skip
+        sql_s = statistics.median(w for w, _ in sql_runs)
         verdict = "within" if sql_s <= TARGET_S else "OVER"
         print(
-            f"SQL report: {sql_s:.2f} s for {synth.kernels:,} kernels ({verdict} the {TARGET_S:.0f} s target)",
-            flush=True,
+            f"SQL report: median {sql_s:.2f} s for {synth.kernels:,} kernels ({verdict} the {TARGET_S:.0f} s target)"
         )
-        t_totals, t_lookup, naive_totals, naive_gemm = naive_report(synth.path, args.sample)
-        assert naive_totals == sql["totals"] and naive_gemm == sql["gemm"], "baseline and report disagree"
-        naive_s = t_totals + t_lookup
-        print(f"naive Python loop: {t_totals:.2f} s totals + {t_lookup:.1f} s lookups (timed on "
-              f"{min(args.sample, naive_gemm):,} of {naive_gemm:,} GEMMs, extrapolated) = {naive_s:.1f} s")  # fmt: skip
-        print(f"speed-up of the SQL report over the naive loop: {naive_s / sql_s:.1f}x")
+        ratios = [n / q for (n, _), (q, _) in zip(naive_runs, sql_runs)]
+        cpu_ratio = statistics.median(n / q for (_, n), (_, q) in zip(naive_runs, sql_runs))
+        print(
+            f"speed-up of the SQL report over the naive loop: {statistics.median(ratios):.1f}x "
+            f"(rounds {min(ratios):.1f}..{max(ratios):.1f}, CPU-time ratio {cpu_ratio:.1f})"
+        )
     return 0
 
 

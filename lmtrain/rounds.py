@@ -156,31 +156,34 @@ def _si(x: float) -> str:
 
 
 def same_work(
-    start: Callable[[], Iterator[float]], seconds: float, clock: Callable[[], float] = time.perf_counter
+    start: Callable[[], Iterator[float]],
+    items: int,
+    seconds: float = 0.0,
+    clock: Callable[[], float] = time.perf_counter,
 ):
-    """A contender that does the same work in every round, about `seconds` long.
+    """A contender that does the same work in every round and every run.
 
     `start()` begins the work afresh (a new data loader with a fixed seed, say) and yields the units of
-    each item it produces. The first call, the warm-up, takes items until `seconds` have passed and
-    remembers how many; every later call takes exactly that many from a fresh start. A contender that
-    finishes an item in a millisecond is then timed over many, so one preemption cannot double it, and
-    every round measures the same items, so a stream whose items differ in cost (documents of varying
-    length) cannot move the ratio from round to round.
+    each item it produces; one pass takes its first `items` items. A call makes passes until `seconds`
+    have passed (at least one) and returns the units of all of them. Two things it rules out: a stream
+    whose items differ in cost (documents of varying length) moving the rate with the items a round
+    happens to get, and a pass of a millisecond being doubled by one preemption.
     """
-    if seconds <= 0:
-        raise ValueError(f"seconds must be > 0, got {seconds}")
-    items: list[int] = []  # how many items a round takes, once the warm-up has measured it
+    if items < 1:
+        raise ValueError(f"items must be >= 1, got {items}")
 
-    def run() -> float:
-        units, taken, began = 0.0, 0, clock()
+    def one_pass() -> float:
+        units, taken = 0.0, 0
         for units_of_item in start():
             units, taken = units + units_of_item, taken + 1
-            if (items and taken == items[0]) or (not items and clock() - began >= seconds):
-                break
-        if not items:
-            items.append(taken)
-        elif taken < items[0]:
-            raise ValueError(f"the work ended after {taken} items; the first run took {items[0]}")
+            if taken == items:
+                return units
+        raise ValueError(f"the work ended after {taken} items; a pass takes {items}")
+
+    def run() -> float:
+        began, units = clock(), one_pass()
+        while clock() - began < seconds:
+            units += one_pass()
         return units
 
     return run

@@ -112,11 +112,11 @@ def test_bad_arguments():
         result.ratio("a", "b")
 
 
-def test_same_work_sizes_the_work_once_then_repeats_exactly_that():
+def test_same_work_takes_the_same_items_every_call_and_repeats_short_passes():
     from lmtrain.rounds import same_work
 
     m = FakeMachine()
-    costs = [0.001 * (1 + i % 7) for i in range(10_000)]  # items of varying cost, always in this order
+    costs = [0.001 * (1 + i % 7) for i in range(100)]  # items of varying cost, always in this order
     starts = []
 
     def stream(name):
@@ -127,18 +127,17 @@ def test_same_work_sizes_the_work_once_then_repeats_exactly_that():
 
         return start
 
-    fast = same_work(stream("fast"), seconds=0.2, clock=lambda: m.wall)
-    units = fast()  # the first call sizes the work: items until 0.2 s
-    assert m.wall == pytest.approx(0.2, abs=0.01) and units == 10 * m.log.count("fast")
+    slow = same_work(stream("slow"), items=50)  # one pass: the first 50 items, 0.197 s
+    assert slow() == 500 and m.wall == pytest.approx(sum(costs[:50])) and starts == ["slow"]
     m.load = 3.0  # a busier machine: the same items, so the same units, in three times the time
-    assert fast() == units and m.log.count("fast") == 2 * units / 10 and starts == ["fast", "fast"]
-    result = compare({"fast": fast, "slow": same_work(stream("slow"), 0.6, clock=lambda: m.wall)}, rounds=3,
-                     clock=lambda: m.wall, cpu_clock=lambda: m.cpu, warn=lambda _: None)  # fmt: skip
-    assert result.ratio("fast", "slow")[0] == pytest.approx(1.0, rel=0.05)  # the same items per second
-    with pytest.raises(ValueError, match="seconds must be > 0"):
-        same_work(stream("x"), 0)
-    lengths = iter([5, 2])  # a stream that is shorter the second time
-    short = same_work(lambda: iter([1.0] * next(lengths)), seconds=1e9)
-    assert short() == 5
-    with pytest.raises(ValueError, match="the work ended after 2 items; the first run took 5"):
-        short()
+    assert slow() == 500 and m.wall == pytest.approx(4 * sum(costs[:50])) and starts == ["slow"] * 2
+    m.load = 1.0
+    fast = same_work(stream("fast"), items=5, seconds=0.1, clock=lambda: m.wall)  # 0.015 s a pass
+    assert fast() == 7 * 50 and starts.count("fast") == 7  # passes until 0.1 s: 7 x 0.015 s
+    result = compare({"fast": fast, "slow": slow}, rounds=3, clock=lambda: m.wall, cpu_clock=lambda: m.cpu,
+                     warn=lambda _: None)  # fmt: skip
+    assert result.ratio("fast", "slow")[0] == pytest.approx((50 / 0.015) / (500 / sum(costs[:50])))
+    with pytest.raises(ValueError, match="items must be >= 1"):
+        same_work(stream("x"), items=0)
+    with pytest.raises(ValueError, match="the work ended after 100 items; a pass takes 101"):
+        same_work(stream("short"), items=101)()

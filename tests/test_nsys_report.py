@@ -1090,3 +1090,13 @@ def test_lmtrain_backward_ranges_alone_attribute_dgrad_and_wgrad(tmp_path, capsy
         )
         _check_row(ranges[f"{name} (backward)"], hand)
     assert "no shape" not in out and all(r["tflops"] for r in data["groups"]["range"])
+
+
+def test_report_benchmark_alternates_rounds_and_prints_the_speed_up_with_its_spread(capsys):
+    from lmtrain.bench import main as bench_main
+
+    assert bench_main(["nsys_report", "--kernels", "5000", "--sample", "50", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "round 1: SQL report" in out and "round 2: SQL report" in out
+    assert re.search(r"speed-up of the SQL report over the naive loop: [\d.]+x \(rounds [\d.]+\.\.[\d.]+, "
+                     r"CPU-time ratio [\d.]+\)", out)  # fmt: skip
