@@ -1,6 +1,6 @@
 """Greedy decoding speed: lmtrain cached vs recompute vs a minimal static-cache loop vs transformers.
 
-lmtrain bench generate [--new-tokens 512] [--rounds 9] [--recompute-rounds 3] [--threads 0] [--device cpu]
+lmtrain bench generate [--new-tokens 512] [--rounds 15] [--recompute-rounds 3] [--threads 0] [--device cpu]
 
 Four contenders decode greedily from the same randomly initialised tiny model, in alternating rounds
 (`lmtrain.rounds`): lmtrain's `generate` with its key/value cache, the same without a cache (the whole
@@ -144,7 +144,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--vocab-size", type=int, default=32000, help="(default 32000)")
     parser.add_argument("--preset", default="tiny", help="model preset (default tiny)")
     parser.add_argument("--device", default="cpu", help="(default cpu)")
-    parser.add_argument("--rounds", type=int, default=9, help="rounds of the cached decoders (default 9)")
+    parser.add_argument("--rounds", type=int, default=15, help="rounds of the cached decoders (default 15)")
     parser.add_argument(
         "--recompute-rounds", type=int, default=3, help="rounds of cached against recompute (default 3)"
     )

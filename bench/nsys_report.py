@@ -1,4 +1,4 @@
-"""lmtrain bench nsys_report [--kernels 1000000] [--sample 5000] [--rounds 3] [--nvtx-ranges 17000]
+"""lmtrain bench nsys_report [--kernels 1000000] [--sample 5000] [--rounds 5] [--nvtx-ranges 17000]
 
 Times the nsys GEMM report (SQL aggregation) on a synthetic export of about `--kernels` kernels (half of
 them GEMMs: forward ones under layers.N > FeedForward/wN > emit_nvtx op ranges, and twice as many
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--baseline-ranges", type=int, default=4_000, help="ranges for the --nvtx baseline comparison"
     )
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.sample < 1:
         p.error(f"--rounds and --sample must be >= 1, got {args.rounds} and {args.sample}")
