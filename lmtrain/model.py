@@ -25,7 +25,6 @@ two-matrix MLPs at 4 * dim hold as many parameters as SwiGLU at int(8 * dim / 3)
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -37,10 +36,7 @@ import torch.nn.functional as F
 
 from lmtrain.errors import UserError
 from lmtrain.losses import DEFAULT_CHUNK, lm_loss_sum
-from lmtrain.nvtx import attention_range, linear_range, nvtx_range
-from lmtrain.nvtx import enabled as nvtx_enabled
-
-_NO_RANGE = contextlib.nullcontext()
+from lmtrain.nvtx import NO_RANGE, attention_range, eager_enabled, linear_range, nvtx_range
 
 
 def _range(name: str, x=None, linear=None, keys=None):
@@ -49,8 +45,8 @@ def _range(name: str, x=None, linear=None, keys=None):
     and the compiled kernels no longer map onto these modules anyway. Given a `linear` layer and its input
     `x`, or attention's queries `x` and `keys`, the range text carries the GEMM's shape (only computed
     while ranges are enabled)."""
-    if not nvtx_enabled() or torch.compiler.is_compiling():
-        return _NO_RANGE  # the common case first: a decode step opens ~60 of these per token
+    if not eager_enabled():
+        return NO_RANGE  # a decode step opens ~60 of these per token
     if linear is not None:
         return linear_range(name, x, linear)
     if keys is not None:

@@ -46,6 +46,7 @@ import os
 import re
 
 _NULL = contextlib.nullcontext()
+NO_RANGE = _NULL  # the shared no-op context manager every disabled range returns
 _enabled = False
 _backend: str | None = None
 _push = None
@@ -56,6 +57,18 @@ BACKENDS = ("libnvtoolsext", "nvtx", "torch")
 
 def enabled() -> bool:
     return _enabled
+
+
+def eager_enabled() -> bool:
+    """enabled(), and not inside torch.compile's tracing: there a push/pop is a Python side effect that
+    would break the graph (fullgraph=True fails), and the compiled kernels no longer map onto the code
+    the ranges name. Callers return `NO_RANGE` when this is False; it checks the flag first, so the
+    common case (ranges off) costs one global read."""
+    if not _enabled:
+        return False
+    import torch  # only reached with ranges enabled, from code that already uses torch
+
+    return not torch.compiler.is_compiling()
 
 
 def backend() -> str | None:
