@@ -182,6 +182,7 @@ def generate_stream(
     device = prompt_ids.device
     end_ids = torch.tensor([] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id))
     end_ids = end_ids.to(device=device, dtype=torch.long)
+    track_ends = len(end_ids) > 0  # without end tokens there is nothing to track (and no per-token sync)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     # Every token in one preallocated buffer: a step writes one column instead of copying the sequence.
     seq = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)  # (B, T + n)
@@ -193,12 +194,12 @@ def generate_stream(
         logits = model(prompt_ids, last_only=True)[:, -1]
     for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-        if len(end_ids):  # without end tokens there is nothing to track (and no per-token sync)
+        if track_ends:
             nxt = torch.where(finished, end_ids[0], nxt)
         yield nxt, logits
         if step == max_new_tokens - 1:
             return
-        if len(end_ids):
+        if track_ends:
             finished |= torch.isin(nxt, end_ids)
             if bool(finished.all()):
                 return

@@ -548,8 +548,7 @@ def _distributed_worker(rank: int, cases: list[CalibrationCase], port: int, out:
 def measure_training_peak(cases: list[CalibrationCase], progress=None) -> list[int]:
     """Measured peak bytes per process of each case (for DDP/FSDP the largest over ranks of each rank's
     median of DISTRIBUTED_REPEATS runs; the ranks are real gloo processes on this host, spawned once
-    per world size). `progress(text)` is
-    called before each measurement."""
+    per world size). `progress(text)` is called before each measurement."""
     say = progress or (lambda text: None)
     import socket
     import tempfile
