@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--encode-mb", type=float, default=4.0, help="MB of documents to time encoding on")
     p.add_argument("--workers", type=int, default=None, help="lmtrain pre-tokenisation processes")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of each comparison")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds of each comparison (default 5)")
     args = p.parse_args(argv)
     if args.max_mb is not None and args.max_mb <= 0:
         raise UserError(f"--max-mb {args.max_mb}: expected a positive size in MB")

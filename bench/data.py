@@ -1,6 +1,6 @@
 """Useful (non-ignored) tokens per second: padded baseline vs packed from parquet vs packed pre-tokenized.
 
-    lmtrain bench data --max-documents 400 --batches 32 --seconds 0.3 --rounds 5
+    lmtrain bench data --max-documents 400 --batches 32 --seconds 0.3 --rounds 15
 
 Runs on the stdlib corpus (built with `lmtrain prepare --pretokenize` into --cache if absent, then
 reused), in the main process (num_workers=0) so that the three pipelines are compared like for like.
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batches", type=int, default=32, help="batches of one pass (default 32)")
     p.add_argument("--seconds", type=float, default=0.3, help="passes until this time (default 0.3)")
-    p.add_argument("--rounds", type=int, default=5, help="alternating rounds")
+    p.add_argument("--rounds", type=int, default=15, help="alternating rounds (default 15)")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.batches < 1 or args.seconds < 0:
         raise UserError(

@@ -1,6 +1,6 @@
 """Step time of the doctor's example training scripts: the fixed versions against the planted ones, same run.
 
-    lmtrain bench doctor_examples --rounds 3 --steps 24
+    lmtrain bench doctor_examples --rounds 5 --steps 48
 
 Each round runs `examples/tiny_lm.py` and `examples/tiny_vit.py` once planted and once `--fixed`, in
 fresh processes (so torch.compile starts cold each time, as a user's run does), alternating which goes
@@ -39,9 +39,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="lmtrain bench doctor_examples", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (planted and fixed each)")
     parser.add_argument(
-        "--steps", type=int, default=24, help="training steps per run, the first two untimed (default 24)"
+        "--rounds", type=int, default=5, help="alternating rounds (planted and fixed each; default 5)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=48, help="training steps per run, the first two untimed (default 48)"
     )
     parser.add_argument("--examples", default="lm,vit", help="comma-separated: lm, vit")
     opts = parser.parse_args(argv)

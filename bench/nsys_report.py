@@ -1,4 +1,4 @@
-"""lmtrain bench nsys_report [--kernels 1000000] [--sample 5000] [--rounds 5] [--nvtx-ranges 17000]
+"""lmtrain bench nsys_report [--kernels 1000000] [--sample 12000] [--rounds 5] [--nvtx-ranges 17000]
 
 Times the nsys GEMM report (SQL aggregation) on a synthetic export of about `--kernels` kernels (half of
 them GEMMs: forward ones under layers.N > FeedForward/wN > emit_nvtx op ranges, and twice as many
@@ -158,7 +158,7 @@ def nvtx_bench(ranges: int, baseline_ranges: int, rounds: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[1])
     p.add_argument("--kernels", type=int, default=1_000_000)
-    p.add_argument("--sample", type=int, default=5_000)
+    p.add_argument("--sample", type=int, default=12_000)
     p.add_argument(
         "--nvtx-ranges", type=int, help="time the NVTX range summary on about this many ranges instead"
     )

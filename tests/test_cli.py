@@ -85,3 +85,21 @@ def test_batching_benchmark_refuses_a_headline_k_it_does_not_run():
 
     with pytest.raises(UserError, match="--headline-k 7 is not among --ks 1,5"):
         bench_main(["batching", "--ks", "1,5", "--headline-k", "7", "--documents", "50"])
+
+
+def test_generate_benchmark_refuses_a_negative_cached_seconds():
+    from lmtrain.bench import main as bench_main
+
+    with pytest.raises(UserError, match="--cached-seconds must be >= 0, got -1.0"):
+        bench_main(["generate", "--cached-seconds", "-1", "--new-tokens", "4"])
+
+
+def test_generate_benchmark_runs_end_to_end_on_a_tiny_model(capsys):
+    pytest.importorskip("transformers")
+    from lmtrain.bench import main as bench_main
+
+    args = ["generate", "--new-tokens", "8", "--prompt-tokens", "4", "--vocab-size", "64"]
+    assert bench_main(args + ["--rounds", "2", "--recompute-rounds", "2", "--cached-seconds", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "greedy tokens identical across the four: yes" in out
+    assert "kv-cache speedup:" in out and "2 rounds, order rotating" in out
