@@ -1,13 +1,14 @@
 """Three batching strategies for variable-length documents, timed with a small GPT-2-like model.
 
-    lmtrain bench batching --batches 2 --rounds 3 --batch-size 8
+    lmtrain bench batching --batches 2 --rounds 9 --batch-size 8
 
 Strategies: pad every batch to max_length (640), pad to the longest document of a random batch, and
 the bucket sampler for k = 1, 5, 10, 20, 50, 640. The model is an embedding, a learned positional
 encoding and one `nn.TransformerDecoderLayer` (hidden 1024, 8 heads, causal, cross-attending to its own
-input), run forward only. The strategies alternate in rounds of --batches batches each
-(`lmtrain.rounds`), after an untimed warm-up round; each batch is also timed on its own (synchronising
-when on a GPU) for the per-batch statistics.
+input), run forward only. The strategies alternate in rounds (`lmtrain.rounds`), after an untimed
+warm-up round; in every round, and in every run, a strategy reads the same batches: the first --batches
+of its epoch with seed --seed. Each batch is also timed on its own (synchronising when on a GPU) for
+the per-batch statistics.
 Document lengths are synthetic (log-normal, median ~150 tokens, truncated to 640) with random token ids:
 the forward cost depends on shapes only. Prints a rich table, writes a CSV, then shows that the sampler's
 per-batch cost stays flat from 10^4 to 10^6 documents. The last line is the speed-up of the
@@ -30,7 +31,7 @@ from torch import nn
 
 from lmtrain.data.batching import BucketBatchSampler, pad_to_longest, pad_to_max_length
 from lmtrain.errors import UserError
-from lmtrain.rounds import compare
+from lmtrain.rounds import compare, same_work
 
 MAX_LENGTH = 640
 REPO = Path(__file__).resolve().parents[1]
@@ -69,21 +70,14 @@ def strategy_batches(name: str, lengths: np.ndarray, batch_size: int, k: int | N
 
 
 def strategy(model, docs, lengths, name, k, args, device, stats: dict):
-    """A contender: forward passes over the next `args.batches` batches of one strategy (its sampler
-    restarts when exhausted); returns the real (non-padding) tokens and records per-batch times."""
+    """A contender: forward passes over the first `args.batches` batches of one strategy's epoch (seed
+    `args.seed`), the same batches in every round; returns their real (non-padding) tokens and records
+    per-batch times. Batches differ in cost (their lengths), so a round that read the next batches
+    instead would move the ratio with the batches it happened to get."""
     collate = (lambda b: pad_to_max_length(b, MAX_LENGTH)) if name == "max_length" else pad_to_longest
-    batches = iter(())
-    epoch = 0
 
-    def run() -> int:
-        nonlocal batches, epoch
-        real = 0
-        for _ in range(args.batches):
-            idx = next(batches, None)
-            if idx is None:
-                epoch += 1
-                batches = iter(strategy_batches(name, lengths, args.batch_size, k, args.seed + epoch))
-                idx = next(batches)
+    def batches():
+        for idx in strategy_batches(name, lengths, args.batch_size, k, args.seed):
             batch = collate([docs[j] for j in idx])
             ids = batch["input_ids"].to(device)
             pad = torch.arange(ids.shape[1])[None, :] >= torch.as_tensor(lengths[idx])[:, None]  # (B, L)
@@ -98,10 +92,9 @@ def strategy(model, docs, lengths, name, k, args, device, stats: dict):
             stats["times"].append(time.perf_counter() - start)
             stats["tokens"] += ids.numel()
             stats["real"] += int(lengths[idx].sum())
-            real += int(lengths[idx].sum())
-        return real
+            yield int(lengths[idx].sum())
 
-    return run
+    return same_work(batches, args.batches)
 
 
 def summary(stats: dict) -> dict:
@@ -141,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lmtrain bench batching", description=__doc__.split("\n\n")[0])
     p.add_argument("--documents", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--batches", type=int, default=2, help="batches per strategy and round")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    p.add_argument("--batches", type=int, default=2, help="batches per strategy and round (default 2)")
+    p.add_argument("--rounds", type=int, default=9, help="alternating rounds (default 9)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--ks", default="1,5,10,20,50,640")
     p.add_argument("--headline-k", type=int, default=5, help="the bucket k of the last line (default 5)")
@@ -150,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--csv", default=str(REPO / "runs" / "bench-batching.csv"))
     args = p.parse_args(argv)
+    if min(args.rounds, args.batches, args.batch_size) < 1 or args.batches * args.batch_size > args.documents:
+        raise UserError(
+            f"--rounds, --batches and --batch-size must be >= 1 and --batches x --batch-size at most "
+            f"--documents, got {args.rounds}, {args.batches}, {args.batch_size} and {args.documents}"
+        )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
     model = TinyGPT(dim=args.dim).to(device).eval()

@@ -1,6 +1,6 @@
 """Useful (non-ignored) tokens per second: padded baseline vs packed from parquet vs packed pre-tokenized.
 
-    lmtrain bench data --max-documents 400 --batches 32 --seconds 0.3 --rounds 15
+    lmtrain bench data --max-documents 400 --batches 32 --seconds 0.5 --rounds 15
 
 Runs on the stdlib corpus (built with `lmtrain prepare --pretokenize` into --cache if absent, then
 reused), in the main process (num_workers=0) so that the three pipelines are compared like for like.
@@ -9,13 +9,17 @@ round, and in every run, each pipeline reads the same batches: the first --batch
 with a fixed seed, read again until --seconds have passed (`lmtrain.rounds.same_work`). Padded batches
 cost more or less with the documents they hold, which would otherwise move the rate with the batches a
 round happens to get, and a pass of packed pre-tokenized batches takes milliseconds, which one
-preemption would double. Each rate includes opening the loader. The last line is the ratio of
-packed-from-parquet to the padded baseline, with its spread over rounds and its CPU-time ratio.
+preemption would double. Each rate includes opening the loader. The tokenizer runs on one thread
+(TOKENIZERS_PARALLELISM=false unless the environment sets it), as it does in each data-loader worker
+of a training run, so that the pipelines are compared per core, not by how free the machine's other
+cores happen to be. The last line is the ratio of packed-from-parquet to the padded baseline, with its
+spread over rounds and its CPU-time ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sequence-length", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batches", type=int, default=32, help="batches of one pass (default 32)")
-    p.add_argument("--seconds", type=float, default=0.3, help="passes until this time (default 0.3)")
+    p.add_argument("--seconds", type=float, default=0.5, help="passes until this time (default 0.5)")
     p.add_argument("--rounds", type=int, default=15, help="alternating rounds (default 15)")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.batches < 1 or args.seconds < 0:
@@ -60,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--rounds and --batches must be >= 1 and --seconds >= 0, got {args.rounds}, {args.batches} "
             f"and {args.seconds}"
         )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before the tokenizer's first use
     cache = Path(args.cache + (f"-{args.max_documents}" if args.max_documents else ""))
     prep = ["--source", "stdlib", "--out", str(cache), "--tokenizer", args.tokenizer, "--pretokenize"]
     if args.max_documents:
@@ -84,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(
         f"B={args.batch_size} T={args.sequence_length}, num_workers=0; per pipeline and round the first "
-        f"{args.batches} batches of a fresh loader, read again until {args.seconds} s have passed"
+        f"{args.batches} batches of a fresh loader, read again until {args.seconds} s have passed; "
+        f"TOKENIZERS_PARALLELISM={os.environ['TOKENIZERS_PARALLELISM']}"
     )
     result = compare(contenders, rounds=args.rounds, unit="token")
     result.print_table("useful tokens/s", baseline="padded (parquet)")

@@ -1,6 +1,6 @@
 """Greedy decoding speed: lmtrain cached vs recompute vs a minimal static-cache loop vs transformers.
 
-    lmtrain bench generate --new-tokens 512 --rounds 21 --recompute-rounds 5 --cached-seconds 4
+    lmtrain bench generate --new-tokens 512 --rounds 21 --recompute-rounds 5 --cached-seconds 4 --speedup-threads 1
 
 Four contenders decode greedily from the same randomly initialised tiny model, in alternating rounds
 (`lmtrain.rounds`): lmtrain's `generate` with its key/value cache, the same without a cache (the whole
@@ -8,8 +8,12 @@ sequence recomputed for every token), a minimal hand-written decode loop on the 
 static cache, no modules, every weight transposed once), and transformers' `generate(use_cache=True)`
 on the model exported with `lmtrain.export_hf`. The three cached decoders alternate in --rounds rounds;
 lmtrain cached and recompute (ten times slower) alternate in --recompute-rounds more, in which the
-cached decoder repeats its run until --cached-seconds have passed. All four must produce the same tokens. The last lines are the ratios to the minimal loop and to transformers, and
-the cached/recompute speed-up, each with its spread over rounds and its CPU-time ratio.
+cached decoder repeats its run until --cached-seconds have passed; they run on --speedup-threads
+threads (default 1). Recompute spends its time in large products that use every thread, a cached step
+in one-row products and small ops, so on several threads their ratio also measures how free the other
+cores are (on a shared 2-core machine, 6.1 to 7.5 in three runs at 2 threads). All four must produce
+the same tokens. The last lines are the ratios to the minimal loop and to transformers, and the
+cached/recompute speed-up, each with its spread over rounds and its CPU-time ratio.
 """
 
 from __future__ import annotations
@@ -155,7 +159,18 @@ def main(argv: list[str]) -> int:
         help="in those rounds, the cached decoder repeats its run until this time (default 4)",
     )
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's default)")
+    parser.add_argument(
+        "--speedup-threads",
+        type=int,
+        default=1,
+        help="CPU threads of the cached against recompute rounds (default 1; 0: those of --threads)",
+    )
     opts = parser.parse_args(argv)
+    if opts.threads < 0 or opts.speedup_threads < 0:
+        raise UserError(
+            f"--threads and --speedup-threads must be >= 0 (0: the default), got {opts.threads} and "
+            f"{opts.speedup_threads}"
+        )
     if opts.threads:
         torch.set_num_threads(opts.threads)
     if min(opts.new_tokens, opts.prompt_tokens, opts.rounds, opts.recompute_rounds) < 1:
@@ -198,15 +213,22 @@ def main(argv: list[str]) -> int:
     # repeats its run until --cached-seconds have passed, so that both are timed over windows long
     # enough that a second of a slower machine does not decide the round's ratio.
     cached_repeated = same_work(lambda: iter([contenders["lmtrain cached"]()]), 1, opts.cached_seconds)
-    speedup = compare(
-        {"lmtrain cached": cached_repeated, "lmtrain recompute": contenders["lmtrain recompute"]},
-        rounds=opts.recompute_rounds,
-        unit="token",
-        warmup=0,
-        sync=sync,
-    )
+    threads = torch.get_num_threads()
+    speedup_threads = opts.speedup_threads or threads
+    torch.set_num_threads(speedup_threads)
+    try:
+        speedup = compare(
+            {"lmtrain cached": cached_repeated, "lmtrain recompute": contenders["lmtrain recompute"]},
+            rounds=opts.recompute_rounds,
+            unit="token",
+            warmup=0,
+            sync=sync,
+        )
+    finally:
+        torch.set_num_threads(threads)
     speedup.print_table(
-        f"cache against recompute, {opts.new_tokens} new tokens", baseline="lmtrain recompute"
+        f"cache against recompute, {opts.new_tokens} new tokens, {speedup_threads} thread(s)",
+        baseline="lmtrain recompute",
     )
     reference = outputs["lmtrain cached"]
     for name, out in outputs.items():

@@ -87,6 +87,13 @@ def test_batching_benchmark_refuses_a_headline_k_it_does_not_run():
         bench_main(["batching", "--ks", "1,5", "--headline-k", "7", "--documents", "50"])
 
 
+def test_batching_benchmark_refuses_more_batches_than_the_documents_fill():
+    from lmtrain.bench import main as bench_main
+
+    with pytest.raises(UserError, match="--batches x --batch-size at most --documents, got 5, 7, 8 and 50"):
+        bench_main(["batching", "--rounds", "5", "--batches", "7", "--batch-size", "8", "--documents", "50"])
+
+
 def test_generate_benchmark_refuses_a_negative_cached_seconds():
     from lmtrain.bench import main as bench_main
 
@@ -103,3 +110,25 @@ def test_generate_benchmark_runs_end_to_end_on_a_tiny_model(capsys):
     out = capsys.readouterr().out
     assert "greedy tokens identical across the four: yes" in out
     assert "kv-cache speedup:" in out and "2 rounds, order rotating" in out
+
+
+def test_generate_benchmark_refuses_negative_thread_counts():
+    from lmtrain.bench import main as bench_main
+
+    with pytest.raises(UserError, match="--speedup-threads must be >= 0 .* got 0 and -2"):
+        bench_main(["generate", "--speedup-threads", "-2", "--new-tokens", "4"])
+
+
+def test_generate_benchmark_times_the_speedup_on_its_own_threads_and_restores_them(capsys):
+    pytest.importorskip("transformers")
+    import torch
+
+    from lmtrain.bench import main as bench_main
+
+    before = torch.get_num_threads()
+    args = ["generate", "--new-tokens", "8", "--prompt-tokens", "4", "--vocab-size", "64", "--rounds", "1"]
+    assert (
+        bench_main(args + ["--recompute-rounds", "1", "--cached-seconds", "0", "--speedup-threads", "1"]) == 0
+    )
+    assert "cache against recompute, 8 new tokens, 1 thread(s)" in capsys.readouterr().out
+    assert torch.get_num_threads() == before
