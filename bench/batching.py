@@ -5,9 +5,9 @@
 Strategies: pad every batch to max_length (640), pad to the longest document of a random batch, and
 the bucket sampler for k = 1, 5, 10, 20, 50, 640. The model is an embedding, a learned positional
 encoding and one `nn.TransformerDecoderLayer` (hidden 1024, 8 heads, causal, cross-attending to its own
-input), run forward only. The strategies alternate in rounds (`lmtrain.rounds`), after an untimed
-warm-up round; in every round, and in every run, a strategy reads the same batches: the first --batches
-of its epoch with seed --seed. Each batch is also timed on its own (synchronising when on a GPU) for
+input), run forward only. The strategies alternate batch by batch (`lmtrain.rounds.interleave`), after
+an untimed warm-up round; in every round, and in every run, a strategy reads the same batches: the
+first --batches of its epoch with seed --seed. Each batch is also timed on its own (synchronising when on a GPU) for
 the per-batch statistics.
 Document lengths are synthetic (log-normal, median ~150 tokens, truncated to 640) with random token ids:
 the forward cost depends on shapes only. Prints a rich table, writes a CSV, then shows that the sampler's
@@ -31,7 +31,7 @@ from torch import nn
 
 from lmtrain.data.batching import BucketBatchSampler, pad_to_longest, pad_to_max_length
 from lmtrain.errors import UserError
-from lmtrain.rounds import compare, same_work
+from lmtrain.rounds import interleave
 
 MAX_LENGTH = 640
 REPO = Path(__file__).resolve().parents[1]
@@ -70,10 +70,10 @@ def strategy_batches(name: str, lengths: np.ndarray, batch_size: int, k: int | N
 
 
 def strategy(model, docs, lengths, name, k, args, device, stats: dict):
-    """A contender: forward passes over the first `args.batches` batches of one strategy's epoch (seed
-    `args.seed`), the same batches in every round; returns their real (non-padding) tokens and records
-    per-batch times. Batches differ in cost (their lengths), so a round that read the next batches
-    instead would move the ratio with the batches it happened to get."""
+    """A contender's stream: forward passes over one strategy's epoch (seed `args.seed`, so the same
+    batches every round), yielding each batch's real (non-padding) tokens and recording per-batch
+    times. Batches differ in cost (their lengths), so a round that read the next batches instead would
+    move the ratio with the batches it happened to get."""
     collate = (lambda b: pad_to_max_length(b, MAX_LENGTH)) if name == "max_length" else pad_to_longest
 
     def batches():
@@ -94,7 +94,7 @@ def strategy(model, docs, lengths, name, k, args, device, stats: dict):
             stats["real"] += int(lengths[idx].sum())
             yield int(lengths[idx].sum())
 
-    return same_work(batches, args.batches)
+    return batches
 
 
 def summary(stats: dict) -> dict:
@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         for label, (name, k) in zip(names, runs)
     }
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    result = compare(contenders, rounds=args.rounds, unit="token", warmup=args.warmup, sync=sync)
+    result = interleave(
+        contenders, items=args.batches, rounds=args.rounds, unit="token", warmup=args.warmup, sync=sync
+    )
     for s in stats.values():  # per-batch statistics of the timed rounds only
         del s["times"][: args.warmup * args.batches]
     rows = [{"strategy": label, **summary(stats[label])} for label in names]

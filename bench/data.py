@@ -1,15 +1,14 @@
 """Useful (non-ignored) tokens per second: padded baseline vs packed from parquet vs packed pre-tokenized.
 
-    lmtrain bench data --max-documents 400 --batches 32 --seconds 0.5 --rounds 15
+    lmtrain bench data --max-documents 400 --batches 32 --rounds 15
 
 Runs on the stdlib corpus (built with `lmtrain prepare --pretokenize` into --cache if absent, then
 reused), in the main process (num_workers=0) so that the three pipelines are compared like for like.
-The pipelines alternate in rounds (`lmtrain.rounds`), so that a busy machine slows them alike. In every
-round, and in every run, each pipeline reads the same batches: the first --batches of a fresh loader
-with a fixed seed, read again until --seconds have passed (`lmtrain.rounds.same_work`). Padded batches
-cost more or less with the documents they hold, which would otherwise move the rate with the batches a
-round happens to get, and a pass of packed pre-tokenized batches takes milliseconds, which one
-preemption would double. Each rate includes opening the loader. The tokenizer runs on one thread
+The pipelines alternate batch by batch (`lmtrain.rounds.interleave`), so that every second of a
+shared machine's swinging load slows them alike. In every round, and in every run, each pipeline
+reads the same batches: the first --batches of a fresh loader with a fixed seed (padded batches cost
+more or less with the documents they hold, which would otherwise move the rate with the batches a
+round happens to get). Each rate includes opening the loader. The tokenizer runs on one thread
 (TOKENIZERS_PARALLELISM=false unless the environment sets it), as it does in each data-loader worker
 of a training run, so that the pipelines are compared per core, not by how free the machine's other
 cores happen to be. The last line is the ratio of packed-from-parquet to the padded baseline, with its
@@ -27,7 +26,7 @@ from lmtrain.config import DataConfig
 from lmtrain.data import build_dataloader, load_tokenizer
 from lmtrain.data.prepare import parse_args, prepare
 from lmtrain.errors import UserError
-from lmtrain.rounds import compare, same_work
+from lmtrain.rounds import interleave
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,14 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sequence-length", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batches", type=int, default=32, help="batches of one pass (default 32)")
-    p.add_argument("--seconds", type=float, default=0.5, help="passes until this time (default 0.5)")
     p.add_argument("--rounds", type=int, default=15, help="alternating rounds (default 15)")
     args = p.parse_args(argv)
-    if args.rounds < 1 or args.batches < 1 or args.seconds < 0:
-        raise UserError(
-            f"--rounds and --batches must be >= 1 and --seconds >= 0, got {args.rounds}, {args.batches} "
-            f"and {args.seconds}"
-        )
+    if args.rounds < 1 or args.batches < 1:
+        raise UserError(f"--rounds and --batches must be >= 1, got {args.rounds} and {args.batches}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before the tokenizer's first use
     cache = Path(args.cache + (f"-{args.max_documents}" if args.max_documents else ""))
     prep = ["--source", "stdlib", "--out", str(cache), "--tokenizer", args.tokenizer, "--pretokenize"]
@@ -83,16 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         "packed (pretokenized)": DataConfig(dataset=str(cache), pipeline="packed", **shape),
     }
     counts = {name: {"tokens": 0, "useful": 0} for name in runs}
-    contenders = {
-        name: same_work(pipeline(cfg, tokenizer, counts[name]), args.batches, args.seconds)
-        for name, cfg in runs.items()
-    }
+    streams = {name: pipeline(cfg, tokenizer, counts[name]) for name, cfg in runs.items()}
     print(
         f"B={args.batch_size} T={args.sequence_length}, num_workers=0; per pipeline and round the first "
-        f"{args.batches} batches of a fresh loader, read again until {args.seconds} s have passed; "
+        f"{args.batches} batches of a fresh loader, the pipelines alternating batch by batch; "
         f"TOKENIZERS_PARALLELISM={os.environ['TOKENIZERS_PARALLELISM']}"
     )
-    result = compare(contenders, rounds=args.rounds, unit="token")
+    result = interleave(streams, items=args.batches, rounds=args.rounds, unit="token")
     result.print_table("useful tokens/s", baseline="padded (parquet)")
     for name, c in counts.items():
         print(f"{name:<22} ignored positions {1 - c['useful'] / c['tokens']:6.2%}")

@@ -1,33 +1,36 @@
 """Greedy decoding speed: lmtrain cached vs recompute vs a minimal static-cache loop vs transformers.
 
-    lmtrain bench generate --new-tokens 512 --rounds 21 --recompute-rounds 5 --cached-seconds 4 --speedup-threads 1
+    lmtrain bench generate --new-tokens 512 --rounds 15 --recompute-rounds 5 --cached-seconds 4 --speedup-threads 1
 
 Four contenders decode greedily from the same randomly initialised tiny model, in alternating rounds
 (`lmtrain.rounds`): lmtrain's `generate` with its key/value cache, the same without a cache (the whole
 sequence recomputed for every token), a minimal hand-written decode loop on the same weights (a
 static cache, no modules, every weight transposed once), and transformers' `generate(use_cache=True)`
-on the model exported with `lmtrain.export_hf`. The three cached decoders alternate in --rounds rounds;
-lmtrain cached and recompute (ten times slower) alternate in --recompute-rounds more, in which the
-cached decoder repeats its run until --cached-seconds have passed; they run on --speedup-threads
-threads (default 1). Recompute spends its time in large products that use every thread, a cached step
-in one-row products and small ops, so on several threads their ratio also measures how free the other
-cores are (on a shared 2-core machine, 6.1 to 7.5 in three runs at 2 threads). All four must produce
-the same tokens. The last lines are the ratios to the minimal loop and to transformers, and the
-cached/recompute speed-up, each with its spread over rounds and its CPU-time ratio.
+on the model exported with `lmtrain.export_hf`. lmtrain cached and the minimal loop alternate token by
+token (`lmtrain.rounds.interleave`) in --rounds rounds of --new-tokens each, and lmtrain cached and
+transformers (one `generate` call) run by run in --rounds more. lmtrain cached and recompute (ten times
+slower) alternate in --recompute-rounds rounds, in which the cached decoder repeats its run until
+--cached-seconds have passed; they run on --speedup-threads threads (default 1). Recompute spends its
+time in large products that use every thread, a cached step in one-row products and small ops, so on
+several threads their ratio also measures how free the other cores are (on a shared 2-core machine,
+6.1 to 7.5 in three runs at 2 threads). All four must produce the same tokens. The last lines are the
+ratios to the minimal loop and to transformers, and the cached/recompute speed-up, each with its
+spread over rounds and its CPU-time ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from lmtrain.config import ModelConfig
 from lmtrain.errors import UserError
-from lmtrain.generate import generate
+from lmtrain.generate import decode_layout, generate, generate_stream
 from lmtrain.model import Transformer, model_args_from_config
-from lmtrain.rounds import compare, same_work
+from lmtrain.rounds import compare, interleave, same_work
 
 
 class MinimalDecoder:
@@ -88,8 +91,8 @@ class MinimalDecoder:
         return self._rms(h[:, -1], self.norm) @ self.head  # (B, V)
 
     @torch.no_grad()
-    def __call__(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        """Greedy continuation of prompt (B, T) by `new_tokens` tokens: (B, T + new_tokens)."""
+    def stream(self, prompt: torch.Tensor, new_tokens: int) -> Iterator[torch.Tensor]:
+        """Greedy continuation of prompt (B, T), one step at a time: `new_tokens` tokens (B,)."""
         a, (B, T) = self.args, prompt.shape
         assert T + new_tokens <= a.seq_len, "the context is full"
         shape = (a.n_layers, B, a.n_kv_heads, T + new_tokens, a.head_dim)
@@ -100,9 +103,25 @@ class MinimalDecoder:
         logits = self._forward(prompt, 0, k_cache, v_cache)  # prefill, with the prompt's causal mask
         for pos in range(T, T + new_tokens):
             out[:, pos] = logits.argmax(-1)
+            yield out[:, pos]
             if pos + 1 < T + new_tokens:
                 logits = self._forward(out[:, pos : pos + 1], pos, k_cache, v_cache)
-        return out
+
+    def __call__(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """Greedy continuation of prompt (B, T) by `new_tokens` tokens: (B, T + new_tokens)."""
+        return with_prompt(prompt, list(self.stream(prompt, new_tokens)))
+
+
+def with_prompt(prompt: torch.Tensor, tokens: list[torch.Tensor]) -> torch.Tensor:
+    """The prompt (B, T) followed by the tokens, each (B,): (B, T + len(tokens))."""
+    return torch.cat([prompt, torch.stack(tokens, dim=1)], dim=1)
+
+
+def lmtrain_stream(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> Iterator[torch.Tensor]:
+    """lmtrain's cached greedy decoding one step at a time (`generate` without collecting the steps)."""
+    with decode_layout(model):
+        for token, _ in generate_stream(model, prompt, new_tokens, temperature=0, use_cache=True):
+            yield token
 
 
 def hf_decoder(model: Transformer):
@@ -148,7 +167,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--vocab-size", type=int, default=32000, help="(default 32000)")
     parser.add_argument("--preset", default="tiny", help="model preset (default tiny)")
     parser.add_argument("--device", default="cpu", help="(default cpu)")
-    parser.add_argument("--rounds", type=int, default=21, help="rounds of the cached decoders (default 21)")
+    parser.add_argument("--rounds", type=int, default=15, help="rounds of the cached decoders (default 15)")
     parser.add_argument(
         "--recompute-rounds", type=int, default=5, help="rounds of cached against recompute (default 5)"
     )
@@ -204,11 +223,40 @@ def main(argv: list[str]) -> int:
         decode(prompt, min(8, opts.new_tokens))
     contenders = {name: contender(name, decode) for name, decode in decoding.items()}
     sync = torch.cuda.synchronize if opts.device.startswith("cuda") else None
-    # Two comparisons: the cached decoders (a second or two per run) in many rounds, then cached
-    # against recompute (ten times longer) in fewer, so that the close ratios get the most rounds.
-    fast = ("lmtrain cached", "minimal loop", "transformers")
-    result = compare({n: contenders[n] for n in fast}, rounds=opts.rounds, unit="token", warmup=0, sync=sync)
-    result.print_table(f"cached greedy decoding, {opts.new_tokens} new tokens", baseline="minimal loop")
+    # Three comparisons. lmtrain and the minimal loop alternate token by token, so that both run through
+    # the same seconds of a load that swings within one run; transformers' `generate` is one call, so
+    # it alternates with lmtrain run by run; then cached against recompute (ten times longer) in fewer
+    # rounds, so that the close ratios get the most rounds.
+    streamed: dict[str, list[torch.Tensor]] = {}
+
+    def token_stream(name, start):
+        def begin():
+            tokens = streamed[name] = []
+            for token in start(prompt, opts.new_tokens):
+                tokens.append(token)
+                yield 1
+
+        return begin
+
+    per_token = interleave(
+        {
+            "lmtrain cached": token_stream("lmtrain cached", lambda p, n: lmtrain_stream(model, p, n)),
+            "minimal loop": token_stream("minimal loop", decoding["minimal loop"].stream),
+        },
+        items=opts.new_tokens,
+        rounds=opts.rounds,
+        unit="token",
+        warmup=0,
+        sync=sync,
+    )
+    per_token.print_table(
+        f"cached greedy decoding, {opts.new_tokens} new tokens, alternating token by token",
+        baseline="minimal loop",
+    )
+    outputs.update({name: with_prompt(prompt, tokens) for name, tokens in streamed.items()})
+    names = ("lmtrain cached", "transformers")
+    result = compare({n: contenders[n] for n in names}, rounds=opts.rounds, unit="token", warmup=0, sync=sync)
+    result.print_table(f"cached greedy decoding, {opts.new_tokens} new tokens", baseline="transformers")
     # A recompute run takes seconds, a cached one a tenth of that: in each round the cached decoder
     # repeats its run until --cached-seconds have passed, so that both are timed over windows long
     # enough that a second of a slower machine does not decide the round's ratio.
@@ -236,7 +284,9 @@ def main(argv: list[str]) -> int:
         if where is not None:
             raise AssertionError(f"greedy tokens of {name} differ from lmtrain cached at position {where}")
     print("greedy tokens identical across the four: yes")
-    print(result.headline("lmtrain cached", "minimal loop", "lmtrain cached / minimal loop tokens/s ratio"))
+    print(
+        per_token.headline("lmtrain cached", "minimal loop", "lmtrain cached / minimal loop tokens/s ratio")
+    )
     print(result.headline("lmtrain cached", "transformers", "lmtrain cached / transformers tokens/s ratio"))
     print(speedup.headline("lmtrain cached", "lmtrain recompute", "kv-cache speedup"))
     return 0

@@ -16,6 +16,12 @@ Beside wall time, the process's CPU time (user + sys of all its threads) per uni
 machine the wall time of a contender grows while its CPU time per unit stays nearly put, so the CPU-time
 ratio is the steadier of the two (but it says nothing about how well a contender uses several cores).
 A warning is printed when the load average exceeds the cores this process may run on.
+
+Where the machine's speed swings faster than a contender's run lasts (this shared machine's does, by
+a third within a second), a round of whole runs still pairs a fast stretch with a slow one. `interleave`
+alternates finer: item by item (a batch each), so that every contender runs through the same seconds.
+
+    result = interleave({"padded": padded_batches, "packed": packed_batches}, items=32, rounds=15)
 """
 
 from __future__ import annotations
@@ -234,4 +240,73 @@ def compare(
             if not units or units <= 0:
                 raise ValueError(f"contender {name!r} reported {units!r} units of work; expected > 0")
             samples[name].append(Sample(max(wall, 1e-9), max(cpu, 1e-9), float(units)))
+    return RoundsResult(unit, order, samples, before, load_average())
+
+
+def interleave(
+    streams: Mapping[str, Callable[[], Iterator[float]]],
+    items: int,
+    rounds: int = 5,
+    unit: str = "units",
+    warmup: int = 1,
+    sync: Callable[[], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    cpu_clock: Callable[[], float] = time.process_time,
+    warn: Callable[[str], None] | None = None,
+) -> RoundsResult:
+    """Contenders that alternate item by item rather than run by run.
+
+    `streams[name]()` begins a contender's work afresh (a new data loader with a fixed seed, say) and
+    yields the units of each item it produces. In a round every contender starts afresh and takes its
+    first `items` items, one item of each contender in turn, the order rotating with every item; a
+    contender's sample for the round sums the times and units of its items (its first item includes
+    the start). So every round does the same work, and the contenders share each second of the
+    machine's load however briefly it lasts. `warmup` rounds run untimed first.
+    """
+    if rounds < 1 or items < 1:
+        raise ValueError(f"rounds and items must be >= 1, got {rounds} and {items}")
+    if not streams:
+        raise ValueError("no contenders to compare")
+    order = list(streams)
+    sync = sync or (lambda: None)
+
+    def one_round(r: int) -> dict[str, Sample]:
+        running: dict[str, Iterator[float]] = {}
+        totals = {name: [0.0, 0.0, 0.0] for name in order}  # wall s, CPU s, units
+        try:
+            for i in range(items):
+                for name in rotated(order, r + i):
+                    sync()
+                    wall0, cpu0 = clock(), cpu_clock()
+                    if name not in running:
+                        running[name] = iter(streams[name]())
+                    units = next(running[name], None)
+                    sync()
+                    wall, cpu = clock() - wall0, cpu_clock() - cpu0
+                    if units is None:
+                        raise ValueError(
+                            f"contender {name!r}'s work ended after {i} items; a round takes {items}"
+                        )
+                    total = totals[name]
+                    total[0], total[1], total[2] = total[0] + wall, total[1] + cpu, total[2] + units
+        finally:
+            for it in running.values():
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()  # a generator's loader is released now, not at garbage collection
+        for name, (_, _, units) in totals.items():
+            if units <= 0:
+                raise ValueError(f"contender {name!r} reported {units!r} units of work; expected > 0")
+        return {name: Sample(max(w, 1e-9), max(c, 1e-9), u) for name, (w, c, u) in totals.items()}
+
+    for r in range(warmup):
+        one_round(r)
+    before = load_average()
+    message = load_warning(before)
+    if message:
+        (warn or (lambda m: print(m, file=sys.stderr)))(message)
+    samples: dict[str, list[Sample]] = {name: [] for name in order}
+    for r in range(rounds):
+        for name, sample in one_round(r).items():
+            samples[name].append(sample)
     return RoundsResult(unit, order, samples, before, load_average())

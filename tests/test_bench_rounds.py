@@ -141,3 +141,93 @@ def test_same_work_takes_the_same_items_every_call_and_repeats_short_passes():
         same_work(stream("x"), items=0)
     with pytest.raises(ValueError, match="the work ended after 100 items; a pass takes 101"):
         same_work(stream("short"), items=101)()
+
+
+def test_interleave_alternates_item_by_item_and_restarts_every_round():
+    from lmtrain.rounds import interleave
+
+    m = FakeMachine()
+    starts = []
+
+    def stream(name, cost, units):
+        def start():
+            starts.append(name)
+            for _ in range(10):
+                yield m.work(name, cost, units)()
+
+        return start
+
+    result = interleave(
+        {"a": stream("a", 0.2, 10), "b": stream("b", 0.1, 20)}, items=3, rounds=2, unit="items", warmup=1,
+        clock=lambda: m.wall, cpu_clock=lambda: m.cpu, warn=lambda _: None,
+    )  # fmt: skip
+    # one item of each in turn, the order rotating with every item and every round
+    warmup_round = first_round = ["a", "b", "b", "a", "a", "b"]
+    assert m.log == warmup_round + first_round + ["b", "a", "a", "b", "b", "a"]
+    assert starts == ["a", "b", "a", "b", "b", "a"]  # every round begins each stream afresh
+    assert [s.units for s in result.samples["a"]] == [30, 30]
+    assert result.ratio("b", "a") == pytest.approx((4.0, 4.0, 4.0))
+
+
+def test_interleave_holds_the_ratio_when_the_load_swings_from_item_to_item():
+    from lmtrain.rounds import interleave, same_work
+
+    m = FakeMachine()
+    calls = [0]
+
+    def stream(name, cost):
+        def start():
+            for _ in range(8):
+                calls[0] += 1
+                m.load = 3.0 if (calls[0] - 1) // 2 % 2 else 1.0  # the load changes every two items
+                yield m.work(name, cost, 1)()
+
+        return start
+
+    fine = interleave(
+        {"slow": stream("slow", 0.4), "fast": stream("fast", 0.1)}, items=8, rounds=3, warmup=0,
+        clock=lambda: m.wall, cpu_clock=lambda: m.cpu, warn=lambda _: None,
+    )  # fmt: skip
+    assert fine.ratio("fast", "slow") == pytest.approx((4.0, 4.0, 4.0))
+    # Whole runs of two items each, alternated: each run meets one load only, and the ratio is off 3x.
+    calls[0] = 0
+    coarse = compare(
+        {"slow": same_work(stream("slow", 0.4), 2), "fast": same_work(stream("fast", 0.1), 2)},
+        rounds=3, warmup=0, clock=lambda: m.wall, cpu_clock=lambda: m.cpu, warn=lambda _: None,
+    )  # fmt: skip
+    assert sorted(coarse.round_ratios("fast", "slow")) != pytest.approx([4.0, 4.0, 4.0])
+
+
+def test_interleave_bad_input_and_early_end():
+    from lmtrain.rounds import interleave
+
+    m = FakeMachine()
+    closed = []
+
+    def short():
+        try:
+            yield m.work("short", 0.1, 1)()
+        finally:
+            closed.append("short")
+
+    def endless():
+        try:
+            while True:
+                yield m.work("endless", 0.1, 1)()
+        finally:
+            closed.append("endless")
+
+    with pytest.raises(ValueError, match="'short''s work ended after 1 items; a round takes 3"):
+        interleave({"endless": endless, "short": short}, items=3, warmup=0, warn=lambda _: None)
+    assert sorted(closed) == ["endless", "short"]  # both streams released
+    with pytest.raises(ValueError, match="rounds and items must be >= 1, got 1 and 0"):
+        interleave({"a": endless}, items=0, rounds=1)
+    with pytest.raises(ValueError, match="no contenders"):
+        interleave({}, items=1)
+
+    def nothing():
+        while True:
+            yield 0
+
+    with pytest.raises(ValueError, match="'zero' reported 0.0 units"):
+        interleave({"zero": nothing}, items=2, warmup=0, warn=lambda _: None)
