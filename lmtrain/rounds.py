@@ -222,24 +222,46 @@ def compare(
         raise ValueError("no contenders to compare")
     order = list(contenders)
     sync = sync or (lambda: None)
-    for _ in range(warmup):
-        for name in order:
-            contenders[name]()
+
+    def one_round(r: int) -> dict[str, Sample]:
+        measured = {}
+        for name in rotated(order, r):
+            sync()
+            wall0, cpu0 = clock(), cpu_clock()
+            units = contenders[name]()
+            sync()
+            measured[name] = _sample(name, clock() - wall0, cpu_clock() - cpu0, units)
+        return measured
+
+    return _run_rounds(order, rounds, warmup, unit, one_round, warn)
+
+
+def _sample(name: str, wall: float, cpu: float, units) -> Sample:
+    if not units or units <= 0:
+        raise ValueError(f"contender {name!r} reported {units!r} units of work; expected > 0")
+    return Sample(max(wall, 1e-9), max(cpu, 1e-9), float(units))
+
+
+def _run_rounds(
+    order: list[str],
+    rounds: int,
+    warmup: int,
+    unit: str,
+    one_round: Callable[[int], dict[str, Sample]],
+    warn: Callable[[str], None] | None,
+) -> RoundsResult:
+    """`warmup` untimed rounds, the load warning, then `rounds` rounds of `one_round(r)` (a Sample per
+    contender)."""
+    for r in range(warmup):
+        one_round(r)
     before = load_average()
     message = load_warning(before)
     if message:
         (warn or (lambda m: print(m, file=sys.stderr)))(message)
     samples: dict[str, list[Sample]] = {name: [] for name in order}
     for r in range(rounds):
-        for name in rotated(order, r):
-            sync()
-            wall0, cpu0 = clock(), cpu_clock()
-            units = contenders[name]()
-            sync()
-            wall, cpu = clock() - wall0, cpu_clock() - cpu0
-            if not units or units <= 0:
-                raise ValueError(f"contender {name!r} reported {units!r} units of work; expected > 0")
-            samples[name].append(Sample(max(wall, 1e-9), max(cpu, 1e-9), float(units)))
+        for name, sample in one_round(r).items():
+            samples[name].append(sample)
     return RoundsResult(unit, order, samples, before, load_average())
 
 
@@ -294,19 +316,6 @@ def interleave(
                 close = getattr(it, "close", None)
                 if close is not None:
                     close()  # a generator's loader is released now, not at garbage collection
-        for name, (_, _, units) in totals.items():
-            if units <= 0:
-                raise ValueError(f"contender {name!r} reported {units!r} units of work; expected > 0")
-        return {name: Sample(max(w, 1e-9), max(c, 1e-9), u) for name, (w, c, u) in totals.items()}
+        return {name: _sample(name, *total) for name, total in totals.items()}
 
-    for r in range(warmup):
-        one_round(r)
-    before = load_average()
-    message = load_warning(before)
-    if message:
-        (warn or (lambda m: print(m, file=sys.stderr)))(message)
-    samples: dict[str, list[Sample]] = {name: [] for name in order}
-    for r in range(rounds):
-        for name, sample in one_round(r).items():
-            samples[name].append(sample)
-    return RoundsResult(unit, order, samples, before, load_average())
+    return _run_rounds(order, rounds, warmup, unit, one_round, warn)
