@@ -67,7 +67,7 @@ RUN = {
         "lmtrain compare-runs runs/tiny runs/tiny-again --markdown cmp.md --png cmp.png",
     "lmtrain plot-loss runs/* --smooth 10 --out loss.png": "lmtrain plot-loss runs/* --smooth 10 --out loss.png",
     "lmtrain bench --help": "lmtrain bench --help",
-    "lmtrain bench data": "lmtrain bench data --max-documents 20 --sequence-length 256 --batches 2 --seconds 0 --rounds 2",
+    "lmtrain bench data": "lmtrain bench data --max-documents 20 --sequence-length 256 --batches 2 --rounds 2",
 }  # fmt: skip
 
 # What each command must print (stdout and stderr together), beyond exiting with status 0.
