@@ -8,6 +8,7 @@ that runs N steps over a DataLoader with a torch.profiler window over the last t
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable, Iterable
 
@@ -60,6 +61,12 @@ def example_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=10, help="fixed version: read metrics every N steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--lockstep",
+        action="store_true",
+        help="before each step print 'lockstep ready' and wait for a line on stdin; after it print "
+        "'lockstep step N: W s wall, C s CPU' (lets a benchmark alternate two runs step by step)",
+    )
     return p
 
 
@@ -76,26 +83,40 @@ def start_profiler(steps: int, device: torch.device) -> torch.profiler.profile:
     return prof
 
 
+def lockstep_gate(step: int) -> None:
+    """--lockstep: say this process is between steps, then wait until the benchmark driving it says go."""
+    print(f"lockstep ready for step {step + 1}", flush=True)
+    if not sys.stdin.readline():
+        raise SystemExit(
+            f"lockstep: stdin closed before step {step + 1}; the benchmark driving this run stopped"
+        )
+
+
 def run_steps(loader: Iterable, train_step: Callable[[int, object], None], steps: int, device: torch.device,
-              profile_out: str | None = None) -> tuple[float, float]:  # fmt: skip
+              profile_out: str | None = None, lockstep: bool = False) -> tuple[float, float]:  # fmt: skip
     """Call train_step(step, batch) `steps` times, epoch after epoch; (wall, CPU) seconds of a step, mean
     over the steps after the first two (those include warm-up and compilation). CPU time is this process's,
-    all threads: on a busy machine it is steadier than wall time."""
+    all threads: on a busy machine it is steadier than wall time. A step's time includes fetching its batch.
+    With `lockstep`, each step waits for a go line on stdin (untimed) and reports its times on stdout."""
     prof = start_profiler(steps, device) if profile_out else None
-    times, step = [], 0
-    start = (time.perf_counter(), time.process_time())
-    while step < steps:
-        for batch in loader:
-            train_step(step, batch)
-            if prof is not None:
-                prof.step()  # marks the step: ProfilerStep#N in the trace
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            now = (time.perf_counter(), time.process_time())
-            times.append((now[0] - start[0], now[1] - start[1]))
-            start, step = now, step + 1
-            if step >= steps:
-                break
+    times, batches = [], iter(loader)
+    for step in range(steps):
+        if lockstep:
+            lockstep_gate(step)
+        start = (time.perf_counter(), time.process_time())
+        batch = next(batches, None)
+        if batch is None:  # a new epoch
+            batches = iter(loader)
+            batch = next(batches)
+        train_step(step, batch)
+        if prof is not None:
+            prof.step()  # marks the step: ProfilerStep#N in the trace
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall, cpu = time.perf_counter() - start[0], time.process_time() - start[1]
+        times.append((wall, cpu))
+        if lockstep:
+            print(f"lockstep step {step + 1}: {wall:.6f} s wall, {cpu:.6f} s CPU", flush=True)
     if prof is not None:
         prof.stop()
         prof.export_chrome_trace(profile_out)

@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
         else:
             print(f"step {step + 1}: loss {loss.item():.3f}", loss)  # planted: a sync and a tensor print
 
-    return run_steps(loader, train_step, args.steps, device, args.profile_out)
+    return run_steps(loader, train_step, args.steps, device, args.profile_out, args.lockstep)
 
 
 if __name__ == "__main__":

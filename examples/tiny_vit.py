@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
             hard_examples.extend((pred != labels).nonzero().squeeze(1).tolist())
             print(f"step {step + 1}: loss {loss.item():.3f} accuracy {accuracy:.3f}")
 
-    return run_steps(loader, train_step, args.steps, device, args.profile_out)
+    return run_steps(loader, train_step, args.steps, device, args.profile_out, args.lockstep)
 
 
 if __name__ == "__main__":

@@ -266,7 +266,7 @@ def _run_rounds(
 
 
 def interleave(
-    streams: Mapping[str, Callable[[], Iterator[float]]],
+    streams: Mapping[str, Callable[[], Iterator[float | Sample]]],
     items: int,
     rounds: int = 5,
     unit: str = "units",
@@ -284,6 +284,9 @@ def interleave(
     contender's sample for the round sums the times and units of its items (its first item includes
     the start). So every round does the same work, and the contenders share each second of the
     machine's load however briefly it lasts. `warmup` rounds run untimed first.
+
+    An item that is timed where it runs, such as a step of a training script in a process of its own,
+    is yielded as a `Sample` of its wall and CPU time and units; its times replace this process's clocks.
     """
     if rounds < 1 or items < 1:
         raise ValueError(f"rounds and items must be >= 1, got {rounds} and {items}")
@@ -293,7 +296,7 @@ def interleave(
     sync = sync or (lambda: None)
 
     def one_round(r: int) -> dict[str, Sample]:
-        running: dict[str, Iterator[float]] = {}
+        running: dict[str, Iterator[float | Sample]] = {}
         totals = {name: [0.0, 0.0, 0.0] for name in order}  # wall s, CPU s, units
         try:
             for i in range(items):
@@ -309,6 +312,8 @@ def interleave(
                         raise ValueError(
                             f"contender {name!r}'s work ended after {i} items; a round takes {items}"
                         )
+                    if isinstance(units, Sample):  # timed where it ran (another process, say)
+                        wall, cpu, units = units.wall_s, units.cpu_s, units.units
                     total = totals[name]
                     total[0], total[1], total[2] = total[0] + wall, total[1] + cpu, total[2] + units
         finally:

@@ -231,3 +231,28 @@ def test_interleave_bad_input_and_early_end():
 
     with pytest.raises(ValueError, match="'zero' reported 0.0 units"):
         interleave({"zero": nothing}, items=2, warmup=0, warn=lambda _: None)
+
+
+def test_interleave_takes_the_times_of_items_timed_where_they_ran():
+    """A stream that yields Samples (a step timed inside another process) is measured by them, not by
+    this process's clocks: a slow start (launching the process) is not counted."""
+    from lmtrain.rounds import Sample, interleave
+
+    m = FakeMachine()
+
+    def remote(name, step_s):
+        def start():
+            m.work(name + " start", 5.0, 0)()  # launching: untimed, whatever it costs
+            for _ in range(4):
+                yield Sample(wall_s=step_s, cpu_s=2 * step_s, units=1)
+
+        return start
+
+    result = interleave(
+        {"planted": remote("planted", 0.3), "fixed": remote("fixed", 0.1)}, items=4, rounds=2, unit="steps",
+        warmup=0, clock=lambda: m.wall, cpu_clock=lambda: m.cpu, warn=lambda _: None,
+    )  # fmt: skip
+    assert m.wall > 0  # the starts did cost this process's clock
+    assert result.ratio("fixed", "planted") == pytest.approx((3.0, 3.0, 3.0))
+    assert [s.wall_s for s in result.samples["planted"]] == pytest.approx([1.2, 1.2])
+    assert result.median_cpu_per_unit("fixed") == pytest.approx(0.2)

@@ -132,3 +132,33 @@ def test_generate_benchmark_times_the_speedup_on_its_own_threads_and_restores_th
     )
     assert "cache against recompute, 8 new tokens, 1 thread(s)" in capsys.readouterr().out
     assert torch.get_num_threads() == before
+
+
+def test_doctor_examples_benchmark_alternates_two_runs_step_by_step(capsys):
+    from lmtrain.bench import main as bench_main
+
+    assert bench_main(["doctor_examples", "--rounds", "1", "--steps", "2", "--examples", "vit"]) == 0
+    out = capsys.readouterr().out
+    assert "planted and fixed alternating step by step" in out and "1 rounds, order rotating" in out
+    assert "fixed speed-up (planted/fixed step time, median): vit " in out
+
+
+def test_doctor_examples_benchmark_bad_arguments_and_a_run_that_fails():
+    from lmtrain.bench import main as bench_main
+
+    with pytest.raises(UserError, match="--examples: unknown \\['gpt'\\]; valid: lm, vit"):
+        bench_main(["doctor_examples", "--examples", "vit,gpt"])
+    with pytest.raises(UserError, match="--rounds and --steps must be >= 1, got 1 and 0"):
+        bench_main(["doctor_examples", "--rounds", "1", "--steps", "0"])
+    import importlib
+
+    module = importlib.import_module("lmtrain_bench_doctor_examples")  # loaded by bench_main above
+    from pathlib import Path
+
+    with pytest.raises(RuntimeError, match="ended \\(2\\) before 'lockstep ready'"):
+        module.LockstepRun(Path("no_such_example.py"), fixed=False, steps=3)
+    # A driver that stops early closes the run's stdin: the script, waiting at a gate, exits at once.
+    run = module.LockstepRun(module.EXAMPLES / "tiny_vit.py", fixed=True, steps=3)
+    assert run.step(last=False).units == 1
+    run.close()
+    assert run.proc.returncode == 1
