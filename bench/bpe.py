@@ -1,11 +1,14 @@
 """Byte-level BPE: lmtrain's trainer and tokenizer against Hugging Face `tokenizers`, in one run.
 
-    lmtrain bench bpe --max-mb 8
+    lmtrain bench bpe --max-mb 8 --rounds 15
 
-Corpus: every .py file of this Python's standard library (site-packages excluded), sorted by path,
-joined with <|endoftext|> into a temporary file (`--max-mb` keeps the first N MB). Both trainers learn a
-vocabulary of 8192 from that file (Hugging Face: BpeTrainer, ByteLevel pre-tokenizer with the GPT-2
-regex, the 256-byte initial alphabet, reading the file itself). Encoding throughput is measured with
+Corpus: the .py files of this Python's standard library (site-packages excluded), sorted by path,
+joined with <|endoftext|> into a temporary file, the first `--max-mb` MB (default 8; 0: all, ~32 MB).
+Both trainers learn a vocabulary of 8192 from that file (Hugging Face: BpeTrainer, ByteLevel
+pre-tokenizer with the GPT-2 regex, the 256-byte initial alphabet, reading the file itself). They train
+on one core each (lmtrain without worker processes, Hugging Face with TOKENIZERS_PARALLELISM=false), so
+that the ratio compares work per core; on all cores the Hugging Face thread pool's wall time also
+measures how free the other cores happen to be (`--parallel-training` trains that way). Encoding throughput is measured with
 the tokenizer lmtrain trained, loaded into both libraries from its tokenizer.json, on the first
 `--encode-mb` MB of documents (ours: one process; Hugging Face: `encode_batch`, all cores).
 
@@ -20,6 +23,7 @@ training wall times, lmtrain over Hugging Face (target: <= 3), with its spread a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import sysconfig
@@ -98,6 +102,20 @@ def hf_train(path: Path, vocab_size: int, specials: list[str]):
     return tok
 
 
+@contextlib.contextmanager
+def tokenizers_parallelism(enabled: bool):
+    """Hugging Face tokenizers reads TOKENIZERS_PARALLELISM at each parallel step: set it for a block."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if enabled else "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
 def cpu_seconds() -> float:
     """CPU time of this process (all threads) and of its finished children (pre-tokenising workers)."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -118,34 +136,53 @@ def main(argv: list[str] | None = None) -> int:
     from lmtrain.tokenizer import Tokenizer, train_bpe
 
     p = argparse.ArgumentParser(prog="lmtrain bench bpe", description=__doc__.split("\n\n")[0])
-    p.add_argument("--max-mb", type=float, default=None, help="use only the first N MB of the stdlib corpus")
+    p.add_argument(
+        "--max-mb",
+        type=float,
+        default=8.0,
+        help="use the first N MB of the stdlib corpus; 0: all (default 8)",
+    )
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--encode-mb", type=float, default=4.0, help="MB of documents to time encoding on")
-    p.add_argument("--workers", type=int, default=None, help="lmtrain pre-tokenisation processes")
-    p.add_argument("--rounds", type=int, default=5, help="alternating rounds of each comparison (default 5)")
+    p.add_argument(
+        "--parallel-training",
+        action="store_true",
+        help="train on all cores (lmtrain: --workers processes, default one per core; Hugging Face: its "
+        "thread pool) instead of one core each",
+    )
+    p.add_argument("--workers", type=int, default=None, help="lmtrain pre-tokenisation processes (parallel)")
+    p.add_argument(
+        "--rounds", type=int, default=15, help="alternating rounds of each comparison (default 15)"
+    )
     args = p.parse_args(argv)
-    if args.max_mb is not None and args.max_mb <= 0:
-        raise UserError(f"--max-mb {args.max_mb}: expected a positive size in MB")
+    if args.max_mb < 0:
+        raise UserError(f"--max-mb {args.max_mb}: expected a size in MB, or 0 for the whole corpus")
+    if args.workers is not None and not args.parallel_training:
+        raise UserError("--workers applies to --parallel-training only (one core each by default)")
 
     cores = os.cpu_count()
     with tempfile.TemporaryDirectory(prefix="lmtrain-bench-bpe-") as tmp:
         tmp = Path(tmp)
         corpus = tmp / "stdlib.txt"
-        max_bytes = None if args.max_mb is None else int(args.max_mb * 1e6)
+        max_bytes = None if args.max_mb == 0 else int(args.max_mb * 1e6)
         n_files, n_bytes = write_stdlib_corpus(corpus, max_bytes)
         print(
-            f"corpus: {n_files} stdlib .py files, {n_bytes / 1e6:.1f} MB, vocab {args.vocab_size}, {cores} cores"
+            f"corpus: {n_files} stdlib .py files, {n_bytes / 1e6:.1f} MB, vocab {args.vocab_size}, {cores} cores; "
+            f"training on {'all cores' if args.parallel_training else 'one core each'}"
         )
 
         # Alternating rounds (lmtrain.rounds); CPU time includes the pre-tokenising worker processes.
         trained = {}
 
+        workers = args.workers if args.parallel_training else 1
+
         def train_ours():
-            trained["lmtrain"] = train_bpe(corpus, args.vocab_size, [EOT], num_workers=args.workers)
+            trained["lmtrain"] = train_bpe(corpus, args.vocab_size, [EOT], num_workers=workers)
             return n_bytes
 
         def train_hf():
-            trained["hf"] = hf_train(corpus, args.vocab_size, [EOT])
+            with tokenizers_parallelism(args.parallel_training):
+                trained["hf"] = hf_train(corpus, args.vocab_size, [EOT])
             return n_bytes
 
         training = compare(

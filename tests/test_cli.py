@@ -162,3 +162,22 @@ def test_doctor_examples_benchmark_bad_arguments_and_a_run_that_fails():
     assert run.step(last=False).units == 1
     run.close()
     assert run.proc.returncode == 1
+
+
+def test_bpe_benchmark_trains_on_one_core_each_by_default(capsys, monkeypatch):
+    pytest.importorskip("tokenizers")
+    import os
+
+    from lmtrain.bench import main as bench_main
+
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    args = ["bpe", "--max-mb", "0.2", "--vocab-size", "300", "--encode-mb", "0.05", "--rounds", "1"]
+    assert bench_main(args) == 0
+    out = capsys.readouterr().out
+    assert "training on one core each" in out and "lmtrain/hf bpe train time ratio: " in out
+    assert "identical ids: yes" in out
+    assert "TOKENIZERS_PARALLELISM" not in os.environ  # set for the training only, then removed
+    with pytest.raises(UserError, match="--workers applies to --parallel-training only"):
+        bench_main(["bpe", "--workers", "2"])
+    with pytest.raises(UserError, match="--max-mb -1.0: expected a size in MB, or 0 for the whole corpus"):
+        bench_main(["bpe", "--max-mb", "-1"])
