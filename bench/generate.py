@@ -1,6 +1,6 @@
 """Greedy decoding speed: lmtrain cached vs recompute vs a minimal static-cache loop vs transformers.
 
-    lmtrain bench generate --new-tokens 512 --rounds 15 --recompute-rounds 5 --cached-seconds 4 --speedup-threads 1
+    lmtrain bench generate --new-tokens 512 --rounds 15 --recompute-rounds 5 --speedup-threads 1
 
 Four contenders decode greedily from the same randomly initialised tiny model, in alternating rounds
 (`lmtrain.rounds`): lmtrain's `generate` with its key/value cache, the same without a cache (the whole
@@ -8,12 +8,11 @@ sequence recomputed for every token), a minimal hand-written decode loop on the 
 static cache, no modules, every weight transposed once), and transformers' `generate(use_cache=True)`
 on the model exported with `lmtrain.export_hf`. lmtrain cached and the minimal loop alternate token by
 token (`lmtrain.rounds.interleave`) in --rounds rounds of --new-tokens each, and lmtrain cached and
-transformers (one `generate` call) run by run in --rounds more. lmtrain cached and recompute (ten times
-slower) alternate in --recompute-rounds rounds, in which the cached decoder repeats its run until
---cached-seconds have passed; they run on --speedup-threads threads (default 1). Recompute spends its
-time in large products that use every thread, a cached step in one-row products and small ops, so on
-several threads their ratio also measures how free the other cores are (on a shared 2-core machine,
-6.1 to 7.5 in three runs at 2 threads). All four must produce the same tokens. The last lines are the
+transformers (one `generate` call) run by run in --rounds more. lmtrain cached and recompute also
+alternate token by token, both at the same position of the sequence, in --recompute-rounds rounds on
+--speedup-threads threads (default 1). Recompute spends its time in large products that use every
+thread, a cached step in one-row products and small ops, so on several threads their ratio also
+measures how free the other cores are. All four must produce the same tokens. The last lines are the
 ratios to the minimal loop and to transformers, and the cached/recompute speed-up, each with its
 spread over rounds and its CPU-time ratio.
 """
@@ -30,7 +29,7 @@ from lmtrain.config import ModelConfig
 from lmtrain.errors import UserError
 from lmtrain.generate import decode_layout, generate, generate_stream
 from lmtrain.model import Transformer, model_args_from_config
-from lmtrain.rounds import compare, interleave, same_work
+from lmtrain.rounds import compare, interleave
 
 
 class MinimalDecoder:
@@ -171,12 +170,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--recompute-rounds", type=int, default=5, help="rounds of cached against recompute (default 5)"
     )
-    parser.add_argument(
-        "--cached-seconds",
-        type=float,
-        default=4.0,
-        help="in those rounds, the cached decoder repeats its run until this time (default 4)",
-    )
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's default)")
     parser.add_argument(
         "--speedup-threads",
@@ -194,8 +187,6 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(opts.threads)
     if min(opts.new_tokens, opts.prompt_tokens, opts.rounds, opts.recompute_rounds) < 1:
         raise UserError("--new-tokens, --prompt-tokens, --rounds and --recompute-rounds must be >= 1")
-    if opts.cached_seconds < 0:
-        raise UserError(f"--cached-seconds must be >= 0, got {opts.cached_seconds}")
     seq_len = opts.prompt_tokens + opts.new_tokens
     args = model_args_from_config(
         ModelConfig(preset=opts.preset), vocab_size=opts.vocab_size, seq_len=seq_len
@@ -257,25 +248,40 @@ def main(argv: list[str]) -> int:
     names = ("lmtrain cached", "transformers")
     result = compare({n: contenders[n] for n in names}, rounds=opts.rounds, unit="token", warmup=0, sync=sync)
     result.print_table(f"cached greedy decoding, {opts.new_tokens} new tokens", baseline="transformers")
-    # A recompute run takes seconds, a cached one a tenth of that: in each round the cached decoder
-    # repeats its run until --cached-seconds have passed, so that both are timed over windows long
-    # enough that a second of a slower machine does not decide the round's ratio.
-    cached_repeated = same_work(lambda: iter([contenders["lmtrain cached"]()]), 1, opts.cached_seconds)
+
+    # Cached against recompute, token by token at the same position: a recompute step costs ten cached
+    # ones, and timing the two as whole runs one after the other let a load change between them decide
+    # the ratio. Both run inside one decode layout, as `generate` runs each of them; it is entered after
+    # setting the threads, since its column blocks follow the thread count.
+    def greedy(use_cache):
+        def start(p, n):
+            for token, _ in generate_stream(model, p, n, temperature=0, use_cache=use_cache):
+                yield token
+
+        return start
+
     threads = torch.get_num_threads()
     speedup_threads = opts.speedup_threads or threads
     torch.set_num_threads(speedup_threads)
     try:
-        speedup = compare(
-            {"lmtrain cached": cached_repeated, "lmtrain recompute": contenders["lmtrain recompute"]},
-            rounds=opts.recompute_rounds,
-            unit="token",
-            warmup=0,
-            sync=sync,
-        )
+        with decode_layout(model):
+            speedup = interleave(
+                {
+                    "lmtrain cached": token_stream("lmtrain cached", greedy(use_cache=True)),
+                    "lmtrain recompute": token_stream("lmtrain recompute", greedy(use_cache=False)),
+                },
+                items=opts.new_tokens,
+                rounds=opts.recompute_rounds,
+                unit="token",
+                warmup=0,
+                sync=sync,
+            )
     finally:
         torch.set_num_threads(threads)
+    outputs.update({name: with_prompt(prompt, tokens) for name, tokens in streamed.items()})
     speedup.print_table(
-        f"cache against recompute, {opts.new_tokens} new tokens, {speedup_threads} thread(s)",
+        f"cache against recompute, {opts.new_tokens} new tokens, {speedup_threads} thread(s), "
+        "alternating token by token",
         baseline="lmtrain recompute",
     )
     reference = outputs["lmtrain cached"]
