@@ -116,10 +116,12 @@ def with_prompt(prompt: torch.Tensor, tokens: list[torch.Tensor]) -> torch.Tenso
     return torch.cat([prompt, torch.stack(tokens, dim=1)], dim=1)
 
 
-def lmtrain_stream(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> Iterator[torch.Tensor]:
-    """lmtrain's cached greedy decoding one step at a time (`generate` without collecting the steps)."""
+def lmtrain_stream(
+    model: Transformer, prompt: torch.Tensor, new_tokens: int, use_cache: bool = True
+) -> Iterator[torch.Tensor]:
+    """lmtrain's greedy decoding one step at a time (`generate` without collecting the steps)."""
     with decode_layout(model):
-        for token, _ in generate_stream(model, prompt, new_tokens, temperature=0, use_cache=True):
+        for token, _ in generate_stream(model, prompt, new_tokens, temperature=0, use_cache=use_cache):
             yield token
 
 
@@ -212,7 +214,6 @@ def main(argv: list[str]) -> int:
     decoding = decoders(model)
     for decode in decoding.values():  # warm-up on 8 tokens: allocator, kernels, first calls
         decode(prompt, min(8, opts.new_tokens))
-    contenders = {name: contender(name, decode) for name, decode in decoding.items()}
     sync = torch.cuda.synchronize if opts.device.startswith("cuda") else None
     # Three comparisons. lmtrain and the minimal loop alternate token by token, so that both run through
     # the same seconds of a load that swings within one run; transformers' `generate` is one call, so
@@ -244,22 +245,16 @@ def main(argv: list[str]) -> int:
         f"cached greedy decoding, {opts.new_tokens} new tokens, alternating token by token",
         baseline="minimal loop",
     )
-    outputs.update({name: with_prompt(prompt, tokens) for name, tokens in streamed.items()})
     names = ("lmtrain cached", "transformers")
-    result = compare({n: contenders[n] for n in names}, rounds=opts.rounds, unit="token", warmup=0, sync=sync)
+    contenders = {n: contender(n, decoding[n]) for n in names}
+    result = compare(contenders, rounds=opts.rounds, unit="token", warmup=0, sync=sync)
     result.print_table(f"cached greedy decoding, {opts.new_tokens} new tokens", baseline="transformers")
 
     # Cached against recompute, token by token at the same position: a recompute step costs ten cached
     # ones, and timing the two as whole runs one after the other let a load change between them decide
-    # the ratio. Both run inside one decode layout, as `generate` runs each of them; it is entered after
-    # setting the threads, since its column blocks follow the thread count.
-    def greedy(use_cache):
-        def start(p, n):
-            for token, _ in generate_stream(model, p, n, temperature=0, use_cache=use_cache):
-                yield token
-
-        return start
-
+    # the ratio. Both run inside one decode layout, as `generate` runs each of them; it is entered here,
+    # after setting the threads (its column blocks follow the thread count), so that the streams' own
+    # `decode_layout` finds it in place whichever of them starts first.
     threads = torch.get_num_threads()
     speedup_threads = opts.speedup_threads or threads
     torch.set_num_threads(speedup_threads)
@@ -267,8 +262,12 @@ def main(argv: list[str]) -> int:
         with decode_layout(model):
             speedup = interleave(
                 {
-                    "lmtrain cached": token_stream("lmtrain cached", greedy(use_cache=True)),
-                    "lmtrain recompute": token_stream("lmtrain recompute", greedy(use_cache=False)),
+                    "lmtrain cached": token_stream(
+                        "lmtrain cached", lambda p, n: lmtrain_stream(model, p, n)
+                    ),
+                    "lmtrain recompute": token_stream(
+                        "lmtrain recompute", lambda p, n: lmtrain_stream(model, p, n, use_cache=False)
+                    ),
                 },
                 items=opts.new_tokens,
                 rounds=opts.recompute_rounds,
