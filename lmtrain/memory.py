@@ -514,9 +514,11 @@ def _train_steps(case: CalibrationCase, rank: int = 0, steps: int = 2) -> None:
 
 
 # Measurements per distributed case. Under gloo, where FSDP's all-gathers and frees land against the
-# compute varies from run to run, and with it the peak of the smallest cases: one 2-rank FSDP case at
-# batch 1 x 32 measured about 8.1 MB in most runs and 9.4 MB in one. The median of three is the typical peak.
-DISTRIBUTED_REPEATS = 3
+# compute varies from run to run, and with it the peak of the smallest cases: 30 runs on each rank of
+# the 2-rank FSDP case at batch 1 x 32 measured 7.3 to 8.9 MB in 55 of 60 and 9.4 to 9.7 MB in 5. With
+# three runs, two of them high sometimes made the median high too; the median of nine is the typical
+# peak (its runs take a second or less each).
+DISTRIBUTED_REPEATS = 9
 
 
 def _distributed_worker(rank: int, cases: list[CalibrationCase], port: int, out: str) -> None:
