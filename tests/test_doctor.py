@@ -183,6 +183,24 @@ def test_truncated_trace(tmp_path, capsys):
     assert str(cut) in err and "not valid JSON" in err and "ends early" in err
 
 
+@pytest.mark.parametrize("cut_after", ["}", "]", '"'])
+def test_trace_cut_just_after_a_closing_character_still_ends_early(tmp_path, capsys, cut_after):
+    full = user_loop(tmp_path / "t.json").read_text()
+    cut = tmp_path / "cut.json"
+    cut.write_text(full[: full.index(cut_after, len(full) // 2) + 1])
+    err = _error([str(cut)], capsys)
+    assert "not valid JSON" in err and "ends early" in err
+
+
+def test_trace_with_a_syntax_error_in_the_middle_does_not_claim_it_ends_early(tmp_path, capsys):
+    full = user_loop(tmp_path / "t.json").read_text()
+    broken = tmp_path / "broken.json"
+    middle = full.index("}", len(full) // 2)
+    broken.write_text(full[:middle] + "}}" + full[middle + 1 :])  # one brace too many, file complete
+    err = _error([str(broken)], capsys)
+    assert "not valid JSON" in err and "ends early" not in err
+
+
 @pytest.mark.parametrize(
     "content, expected",
     [

@@ -214,7 +214,11 @@ def read_events(path: Path) -> tuple[list[dict], dict]:
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not a JSON text file; give a torch.profiler Chrome trace (.json)") from exc
     except json.JSONDecodeError as exc:
-        ends_early = not raw.rstrip().endswith((b"}", b"]"))
+        # A prefix of valid JSON fails at its very end, or inside a string it cut (reported where the
+        # string starts); a file cut just after a "}" or "]" is caught by the first.
+        text = exc.doc.rstrip()
+        ends_early = exc.pos >= len(text) or exc.msg.startswith("Unterminated string")
+        ends_early = ends_early or not text.endswith(("}", "]"))
         hint = " (the file ends early: was the trace still being written?)" if ends_early else ""
         raise UserError(
             f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}{hint}; "
